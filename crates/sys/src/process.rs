@@ -1,0 +1,1 @@
+//! Process control: fork, setsid, descriptors, pid-file locks.
