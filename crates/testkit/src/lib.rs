@@ -1,1 +1,11 @@
-//! testkit
+//! Test support for the daemon: start a daemon process (blockd or
+//! qemu-storage-daemon) with a QMP monitor in a temporary directory, speak
+//! QMP to it, and replay scenario files against two daemons to compare their
+//! transcripts.
+
+pub mod daemon;
+pub mod qmp;
+pub mod scenario;
+
+pub use daemon::{find_tool, qsd_path, Daemon};
+pub use qmp::{Message, Qmp, QmpErrorReply};
