@@ -1,0 +1,359 @@
+//! `blockd-bench`: runs blockd and qemu-storage-daemon side by side,
+//! interleaved over several rounds, and reports per metric both sides and
+//! the blockd/QSD ratio. It measures; it never asserts timing.
+//!
+//! ```text
+//! cargo run --release -p bench -- [--blockd PATH] [--qsd PATH] [--out BENCHMARKS.md]
+//!                                 [--rounds N] [--starts N] [--requests N]
+//! ```
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use testkit::Daemon;
+
+const START_MARK: &str = "<!-- blockd-bench:start -->";
+const END_MARK: &str = "<!-- blockd-bench:end -->";
+
+#[derive(Debug)]
+struct Options {
+    blockd: PathBuf,
+    qsd: PathBuf,
+    out: Option<PathBuf>,
+    rounds: usize,
+    starts: usize,
+    requests: usize,
+}
+
+fn usage() -> &'static str {
+    "usage: blockd-bench [--blockd PATH] [--qsd PATH] [--out FILE] [--rounds N] [--starts N] [--requests N]"
+}
+
+fn parse_options() -> Result<Options> {
+    let mut blockd = None;
+    let mut qsd = None;
+    let mut out = None;
+    let mut rounds = 5;
+    let mut starts = 4;
+    let mut requests = 2000;
+    let mut args = std::env::args_os().skip(1);
+    while let Some(arg) = args.next() {
+        let arg = arg.to_str().context(usage())?.to_string();
+        if arg == "-h" || arg == "--help" {
+            println!("{}", usage());
+            std::process::exit(0);
+        }
+        let mut value = || -> Result<String> {
+            args.next()
+                .and_then(|v| v.to_str().map(str::to_string))
+                .with_context(|| format!("{arg} needs a value; {}", usage()))
+        };
+        match arg.as_str() {
+            "--blockd" => blockd = Some(PathBuf::from(value()?)),
+            "--qsd" => qsd = Some(PathBuf::from(value()?)),
+            "--out" => out = Some(PathBuf::from(value()?)),
+            "--rounds" => rounds = value()?.parse().context("--rounds")?,
+            "--starts" => starts = value()?.parse().context("--starts")?,
+            "--requests" => requests = value()?.parse().context("--requests")?,
+            _ => bail!("unexpected argument {arg:?}; {}", usage()),
+        }
+    }
+    let blockd = match blockd {
+        Some(path) => path,
+        None => {
+            // `cargo build --release -p daemon` puts blockd next to this binary.
+            let exe = std::env::current_exe().context("cannot find own path")?;
+            exe.with_file_name("blockd")
+        }
+    };
+    if !blockd.is_file() {
+        bail!(
+            "blockd not found at {} (build it with `cargo build --release -p daemon` or pass --blockd)",
+            blockd.display()
+        );
+    }
+    Ok(Options {
+        blockd,
+        qsd: qsd.unwrap_or_else(testkit::qsd_path),
+        out,
+        rounds: rounds.max(1),
+        starts: starts.max(1),
+        requests: requests.max(1),
+    })
+}
+
+/// Samples of one side.
+#[derive(Debug, Default)]
+struct Samples {
+    startup: Vec<Duration>,
+    rss_kib: Vec<u64>,
+    latency: Vec<Duration>,
+}
+
+/// Time from spawn to a read QMP greeting.
+fn startup_once(binary: &Path) -> Result<Duration> {
+    let dir = tempfile::tempdir()?;
+    let mut daemon = Daemon::spawn_in(binary, dir.path(), &[] as &[&str])?;
+    daemon.wait_socket(Duration::from_secs(10))?;
+    let stream = daemon.connect_stream(Duration::from_secs(10))?;
+    let qmp = testkit::Qmp::from_stream(stream)?;
+    let elapsed = daemon.started().elapsed();
+    drop(qmp);
+    daemon.kill();
+    Ok(elapsed)
+}
+
+/// A daemon with four nodes: file, raw over it, and two null-co.
+fn start_with_nodes(binary: &Path, dir: &Path) -> Result<Daemon> {
+    let image = dir.join("a.img");
+    std::fs::File::create(&image)?.set_len(1 << 20)?;
+    let image = image.to_str().context("non-UTF-8 path")?;
+    let args = [
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=file0,filename={image}"),
+        "--blockdev".to_string(),
+        "driver=raw,node-name=raw0,file=file0".to_string(),
+        "--blockdev".to_string(),
+        "driver=null-co,node-name=null0".to_string(),
+        "--blockdev".to_string(),
+        "driver=null-co,node-name=null1,size=1048576".to_string(),
+    ];
+    Daemon::start_in(binary, dir, &args)
+}
+
+fn vm_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/PID/status")
+}
+
+/// Idle RSS after negotiation, then `requests` round trips.
+fn steady_once(binary: &Path, requests: usize, samples: &mut Samples) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut daemon = start_with_nodes(binary, dir.path())?;
+    let mut qmp = daemon.qmp()?;
+    let nodes = qmp
+        .execute("query-named-block-nodes", json!({}))
+        .map_err(anyhow::Error::from)?;
+    let count = nodes.as_array().map_or(0, Vec::len);
+    if count != 4 {
+        bail!("{}: expected 4 nodes, got {count}", binary.display());
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let pid = daemon.pid().context("daemon not running")?;
+    samples.rss_kib.push(vm_rss_kib(pid)?);
+    let request = br#"{"execute": "query-named-block-nodes"}"#;
+    for _ in 0..requests {
+        let t = Instant::now();
+        qmp.send_raw(request)?;
+        let reply = qmp.read_reply()?;
+        samples.latency.push(t.elapsed());
+        if reply.get("return").is_none() {
+            bail!("{}: unexpected reply {reply}", binary.display());
+        }
+    }
+    daemon.kill();
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn median_u64(values: &[u64]) -> u64 {
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    v.get(v.len() / 2).copied().unwrap_or(0)
+}
+
+struct Row {
+    metric: String,
+    blockd: f64,
+    qsd: f64,
+    unit: &'static str,
+}
+
+fn rows(b: &mut Samples, q: &mut Samples, opts: &Options) -> Vec<Row> {
+    for s in [&mut *b, &mut *q] {
+        s.startup.sort_unstable();
+        s.latency.sort_unstable();
+    }
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let us = |d: Duration| d.as_secs_f64() * 1e6;
+    vec![
+        Row {
+            metric: format!(
+                "start to QMP greeting, median of {}",
+                opts.rounds * opts.starts
+            ),
+            blockd: ms(percentile(&b.startup, 50.0)),
+            qsd: ms(percentile(&q.startup, 50.0)),
+            unit: "ms",
+        },
+        Row {
+            metric: format!("idle VmRSS with 4 nodes, median of {}", opts.rounds),
+            blockd: median_u64(&b.rss_kib) as f64 / 1024.0,
+            qsd: median_u64(&q.rss_kib) as f64 / 1024.0,
+            unit: "MiB",
+        },
+        Row {
+            metric: format!(
+                "query-named-block-nodes round trip p50 ({} x {})",
+                opts.rounds, opts.requests
+            ),
+            blockd: us(percentile(&b.latency, 50.0)),
+            qsd: us(percentile(&q.latency, 50.0)),
+            unit: "µs",
+        },
+        Row {
+            metric: format!(
+                "query-named-block-nodes round trip p99 ({} x {})",
+                opts.rounds, opts.requests
+            ),
+            blockd: us(percentile(&b.latency, 99.0)),
+            qsd: us(percentile(&q.latency, 99.0)),
+            unit: "µs",
+        },
+    ]
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::new();
+    out.push_str("| metric | blockd | QSD | blockd/QSD |\n|---|---:|---:|---:|\n");
+    for r in rows {
+        let ratio = if r.qsd > 0.0 { r.blockd / r.qsd } else { 0.0 };
+        let _ = writeln!(
+            out,
+            "| {} | {:.1} {} | {:.1} {} | {:.2} |",
+            r.metric, r.blockd, r.unit, r.qsd, r.unit, ratio
+        );
+    }
+    out
+}
+
+/// `YYYY-MM-DD` (UTC) from the system clock.
+fn today() -> String {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = (secs / 86_400) as i64;
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+fn machine() -> String {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |k| k.trim().to_string());
+    format!("{nproc} CPUs ({cpu}), Linux {kernel}")
+}
+
+fn version_line(binary: &Path) -> String {
+    std::process::Command::new(binary)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+fn report(table: &str, opts: &Options) -> String {
+    format!(
+        "{START_MARK}\n## blockd vs qemu-storage-daemon\n\n\
+         - date: {}\n- machine: {}\n- QSD: `{}`\n- blockd: `{}`\n\
+         - method: `cargo run --release -p bench -- --out BENCHMARKS.md`; {} interleaved rounds, \
+         each starting both daemons {} times, then measuring idle RSS and {} round trips \
+         (nodes: file, raw, null-co, null-co)\n\n{}{END_MARK}\n",
+        today(),
+        machine(),
+        version_line(&opts.qsd),
+        version_line(&opts.blockd),
+        opts.rounds,
+        opts.starts,
+        opts.requests,
+        table
+    )
+}
+
+fn write_out(path: &Path, section: &str) -> Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(START_MARK), old.find(END_MARK)) {
+        (Some(start), Some(end)) if start < end => {
+            let end = end + END_MARK.len();
+            let rest = old[end..].strip_prefix('\n').unwrap_or(&old[end..]);
+            format!("{}{section}{rest}", &old[..start])
+        }
+        _ if old.trim().is_empty() => format!(
+            "# Benchmarks\n\nWritten by `blockd-bench` (crates/bench); timings are \
+             informative only and never asserted.\n\n{section}"
+        ),
+        _ => format!("{old}\n{section}"),
+    };
+    std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+}
+
+fn main() -> Result<()> {
+    let opts = parse_options()?;
+    let mut b = Samples::default();
+    let mut q = Samples::default();
+    for round in 0..opts.rounds {
+        eprintln!("round {}/{}", round + 1, opts.rounds);
+        // Alternate which side goes first so neither always runs on a warm cache.
+        let sides: [(&Path, bool); 2] = if round % 2 == 0 {
+            [(&opts.blockd, true), (&opts.qsd, false)]
+        } else {
+            [(&opts.qsd, false), (&opts.blockd, true)]
+        };
+        for _ in 0..opts.starts {
+            for (binary, is_blockd) in sides {
+                let s = if is_blockd { &mut b } else { &mut q };
+                s.startup.push(startup_once(binary)?);
+            }
+        }
+        for (binary, is_blockd) in sides {
+            let s = if is_blockd { &mut b } else { &mut q };
+            steady_once(binary, opts.requests, s)?;
+        }
+    }
+    let rows = rows(&mut b, &mut q, &opts);
+    let table = table(&rows);
+    print!("{table}");
+    if let Some(out) = &opts.out {
+        write_out(out, &report(&table, &opts))?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
