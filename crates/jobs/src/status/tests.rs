@@ -1,0 +1,947 @@
+//! One test per cell of QEMU's status transition table and verb table (jobs.md §2, §3).
+
+use super::{JobStatus, JobVerb};
+
+macro_rules! transition {
+    ($name:ident, $from:ident, $to:ident, $allowed:expr) => {
+        #[test]
+        fn $name() {
+            assert_eq!(JobStatus::$from.can_transition_to(JobStatus::$to), $allowed);
+        }
+    };
+}
+
+macro_rules! verb {
+    ($name:ident, $verb:ident, $status:ident, $allowed:expr) => {
+        #[test]
+        fn $name() {
+            assert_eq!(JobStatus::$status.allows(JobVerb::$verb), $allowed);
+        }
+    };
+}
+
+transition!(
+    transition_undefined_to_undefined_is_forbidden,
+    Undefined,
+    Undefined,
+    false
+);
+transition!(
+    transition_undefined_to_created_is_allowed,
+    Undefined,
+    Created,
+    true
+);
+transition!(
+    transition_undefined_to_running_is_forbidden,
+    Undefined,
+    Running,
+    false
+);
+transition!(
+    transition_undefined_to_paused_is_forbidden,
+    Undefined,
+    Paused,
+    false
+);
+transition!(
+    transition_undefined_to_ready_is_forbidden,
+    Undefined,
+    Ready,
+    false
+);
+transition!(
+    transition_undefined_to_standby_is_forbidden,
+    Undefined,
+    Standby,
+    false
+);
+transition!(
+    transition_undefined_to_waiting_is_forbidden,
+    Undefined,
+    Waiting,
+    false
+);
+transition!(
+    transition_undefined_to_pending_is_forbidden,
+    Undefined,
+    Pending,
+    false
+);
+transition!(
+    transition_undefined_to_aborting_is_forbidden,
+    Undefined,
+    Aborting,
+    false
+);
+transition!(
+    transition_undefined_to_concluded_is_forbidden,
+    Undefined,
+    Concluded,
+    false
+);
+transition!(
+    transition_undefined_to_null_is_forbidden,
+    Undefined,
+    Null,
+    false
+);
+transition!(
+    transition_created_to_undefined_is_forbidden,
+    Created,
+    Undefined,
+    false
+);
+transition!(
+    transition_created_to_created_is_forbidden,
+    Created,
+    Created,
+    false
+);
+transition!(
+    transition_created_to_running_is_allowed,
+    Created,
+    Running,
+    true
+);
+transition!(
+    transition_created_to_paused_is_forbidden,
+    Created,
+    Paused,
+    false
+);
+transition!(
+    transition_created_to_ready_is_forbidden,
+    Created,
+    Ready,
+    false
+);
+transition!(
+    transition_created_to_standby_is_forbidden,
+    Created,
+    Standby,
+    false
+);
+transition!(
+    transition_created_to_waiting_is_forbidden,
+    Created,
+    Waiting,
+    false
+);
+transition!(
+    transition_created_to_pending_is_forbidden,
+    Created,
+    Pending,
+    false
+);
+transition!(
+    transition_created_to_aborting_is_allowed,
+    Created,
+    Aborting,
+    true
+);
+transition!(
+    transition_created_to_concluded_is_forbidden,
+    Created,
+    Concluded,
+    false
+);
+transition!(transition_created_to_null_is_allowed, Created, Null, true);
+transition!(
+    transition_running_to_undefined_is_forbidden,
+    Running,
+    Undefined,
+    false
+);
+transition!(
+    transition_running_to_created_is_forbidden,
+    Running,
+    Created,
+    false
+);
+transition!(
+    transition_running_to_running_is_forbidden,
+    Running,
+    Running,
+    false
+);
+transition!(
+    transition_running_to_paused_is_allowed,
+    Running,
+    Paused,
+    true
+);
+transition!(transition_running_to_ready_is_allowed, Running, Ready, true);
+transition!(
+    transition_running_to_standby_is_forbidden,
+    Running,
+    Standby,
+    false
+);
+transition!(
+    transition_running_to_waiting_is_allowed,
+    Running,
+    Waiting,
+    true
+);
+transition!(
+    transition_running_to_pending_is_forbidden,
+    Running,
+    Pending,
+    false
+);
+transition!(
+    transition_running_to_aborting_is_allowed,
+    Running,
+    Aborting,
+    true
+);
+transition!(
+    transition_running_to_concluded_is_forbidden,
+    Running,
+    Concluded,
+    false
+);
+transition!(
+    transition_running_to_null_is_forbidden,
+    Running,
+    Null,
+    false
+);
+transition!(
+    transition_paused_to_undefined_is_forbidden,
+    Paused,
+    Undefined,
+    false
+);
+transition!(
+    transition_paused_to_created_is_forbidden,
+    Paused,
+    Created,
+    false
+);
+transition!(
+    transition_paused_to_running_is_allowed,
+    Paused,
+    Running,
+    true
+);
+transition!(
+    transition_paused_to_paused_is_forbidden,
+    Paused,
+    Paused,
+    false
+);
+transition!(
+    transition_paused_to_ready_is_forbidden,
+    Paused,
+    Ready,
+    false
+);
+transition!(
+    transition_paused_to_standby_is_forbidden,
+    Paused,
+    Standby,
+    false
+);
+transition!(
+    transition_paused_to_waiting_is_forbidden,
+    Paused,
+    Waiting,
+    false
+);
+transition!(
+    transition_paused_to_pending_is_forbidden,
+    Paused,
+    Pending,
+    false
+);
+transition!(
+    transition_paused_to_aborting_is_forbidden,
+    Paused,
+    Aborting,
+    false
+);
+transition!(
+    transition_paused_to_concluded_is_forbidden,
+    Paused,
+    Concluded,
+    false
+);
+transition!(transition_paused_to_null_is_forbidden, Paused, Null, false);
+transition!(
+    transition_ready_to_undefined_is_forbidden,
+    Ready,
+    Undefined,
+    false
+);
+transition!(
+    transition_ready_to_created_is_forbidden,
+    Ready,
+    Created,
+    false
+);
+transition!(
+    transition_ready_to_running_is_forbidden,
+    Ready,
+    Running,
+    false
+);
+transition!(
+    transition_ready_to_paused_is_forbidden,
+    Ready,
+    Paused,
+    false
+);
+transition!(transition_ready_to_ready_is_forbidden, Ready, Ready, false);
+transition!(transition_ready_to_standby_is_allowed, Ready, Standby, true);
+transition!(transition_ready_to_waiting_is_allowed, Ready, Waiting, true);
+transition!(
+    transition_ready_to_pending_is_forbidden,
+    Ready,
+    Pending,
+    false
+);
+transition!(
+    transition_ready_to_aborting_is_allowed,
+    Ready,
+    Aborting,
+    true
+);
+transition!(
+    transition_ready_to_concluded_is_forbidden,
+    Ready,
+    Concluded,
+    false
+);
+transition!(transition_ready_to_null_is_forbidden, Ready, Null, false);
+transition!(
+    transition_standby_to_undefined_is_forbidden,
+    Standby,
+    Undefined,
+    false
+);
+transition!(
+    transition_standby_to_created_is_forbidden,
+    Standby,
+    Created,
+    false
+);
+transition!(
+    transition_standby_to_running_is_forbidden,
+    Standby,
+    Running,
+    false
+);
+transition!(
+    transition_standby_to_paused_is_forbidden,
+    Standby,
+    Paused,
+    false
+);
+transition!(transition_standby_to_ready_is_allowed, Standby, Ready, true);
+transition!(
+    transition_standby_to_standby_is_forbidden,
+    Standby,
+    Standby,
+    false
+);
+transition!(
+    transition_standby_to_waiting_is_forbidden,
+    Standby,
+    Waiting,
+    false
+);
+transition!(
+    transition_standby_to_pending_is_forbidden,
+    Standby,
+    Pending,
+    false
+);
+transition!(
+    transition_standby_to_aborting_is_forbidden,
+    Standby,
+    Aborting,
+    false
+);
+transition!(
+    transition_standby_to_concluded_is_forbidden,
+    Standby,
+    Concluded,
+    false
+);
+transition!(
+    transition_standby_to_null_is_forbidden,
+    Standby,
+    Null,
+    false
+);
+transition!(
+    transition_waiting_to_undefined_is_forbidden,
+    Waiting,
+    Undefined,
+    false
+);
+transition!(
+    transition_waiting_to_created_is_forbidden,
+    Waiting,
+    Created,
+    false
+);
+transition!(
+    transition_waiting_to_running_is_forbidden,
+    Waiting,
+    Running,
+    false
+);
+transition!(
+    transition_waiting_to_paused_is_forbidden,
+    Waiting,
+    Paused,
+    false
+);
+transition!(
+    transition_waiting_to_ready_is_forbidden,
+    Waiting,
+    Ready,
+    false
+);
+transition!(
+    transition_waiting_to_standby_is_forbidden,
+    Waiting,
+    Standby,
+    false
+);
+transition!(
+    transition_waiting_to_waiting_is_forbidden,
+    Waiting,
+    Waiting,
+    false
+);
+transition!(
+    transition_waiting_to_pending_is_allowed,
+    Waiting,
+    Pending,
+    true
+);
+transition!(
+    transition_waiting_to_aborting_is_allowed,
+    Waiting,
+    Aborting,
+    true
+);
+transition!(
+    transition_waiting_to_concluded_is_forbidden,
+    Waiting,
+    Concluded,
+    false
+);
+transition!(
+    transition_waiting_to_null_is_forbidden,
+    Waiting,
+    Null,
+    false
+);
+transition!(
+    transition_pending_to_undefined_is_forbidden,
+    Pending,
+    Undefined,
+    false
+);
+transition!(
+    transition_pending_to_created_is_forbidden,
+    Pending,
+    Created,
+    false
+);
+transition!(
+    transition_pending_to_running_is_forbidden,
+    Pending,
+    Running,
+    false
+);
+transition!(
+    transition_pending_to_paused_is_forbidden,
+    Pending,
+    Paused,
+    false
+);
+transition!(
+    transition_pending_to_ready_is_forbidden,
+    Pending,
+    Ready,
+    false
+);
+transition!(
+    transition_pending_to_standby_is_forbidden,
+    Pending,
+    Standby,
+    false
+);
+transition!(
+    transition_pending_to_waiting_is_forbidden,
+    Pending,
+    Waiting,
+    false
+);
+transition!(
+    transition_pending_to_pending_is_forbidden,
+    Pending,
+    Pending,
+    false
+);
+transition!(
+    transition_pending_to_aborting_is_allowed,
+    Pending,
+    Aborting,
+    true
+);
+transition!(
+    transition_pending_to_concluded_is_allowed,
+    Pending,
+    Concluded,
+    true
+);
+transition!(
+    transition_pending_to_null_is_forbidden,
+    Pending,
+    Null,
+    false
+);
+transition!(
+    transition_aborting_to_undefined_is_forbidden,
+    Aborting,
+    Undefined,
+    false
+);
+transition!(
+    transition_aborting_to_created_is_forbidden,
+    Aborting,
+    Created,
+    false
+);
+transition!(
+    transition_aborting_to_running_is_forbidden,
+    Aborting,
+    Running,
+    false
+);
+transition!(
+    transition_aborting_to_paused_is_forbidden,
+    Aborting,
+    Paused,
+    false
+);
+transition!(
+    transition_aborting_to_ready_is_forbidden,
+    Aborting,
+    Ready,
+    false
+);
+transition!(
+    transition_aborting_to_standby_is_forbidden,
+    Aborting,
+    Standby,
+    false
+);
+transition!(
+    transition_aborting_to_waiting_is_forbidden,
+    Aborting,
+    Waiting,
+    false
+);
+transition!(
+    transition_aborting_to_pending_is_forbidden,
+    Aborting,
+    Pending,
+    false
+);
+transition!(
+    transition_aborting_to_aborting_is_allowed,
+    Aborting,
+    Aborting,
+    true
+);
+transition!(
+    transition_aborting_to_concluded_is_allowed,
+    Aborting,
+    Concluded,
+    true
+);
+transition!(
+    transition_aborting_to_null_is_forbidden,
+    Aborting,
+    Null,
+    false
+);
+transition!(
+    transition_concluded_to_undefined_is_forbidden,
+    Concluded,
+    Undefined,
+    false
+);
+transition!(
+    transition_concluded_to_created_is_forbidden,
+    Concluded,
+    Created,
+    false
+);
+transition!(
+    transition_concluded_to_running_is_forbidden,
+    Concluded,
+    Running,
+    false
+);
+transition!(
+    transition_concluded_to_paused_is_forbidden,
+    Concluded,
+    Paused,
+    false
+);
+transition!(
+    transition_concluded_to_ready_is_forbidden,
+    Concluded,
+    Ready,
+    false
+);
+transition!(
+    transition_concluded_to_standby_is_forbidden,
+    Concluded,
+    Standby,
+    false
+);
+transition!(
+    transition_concluded_to_waiting_is_forbidden,
+    Concluded,
+    Waiting,
+    false
+);
+transition!(
+    transition_concluded_to_pending_is_forbidden,
+    Concluded,
+    Pending,
+    false
+);
+transition!(
+    transition_concluded_to_aborting_is_forbidden,
+    Concluded,
+    Aborting,
+    false
+);
+transition!(
+    transition_concluded_to_concluded_is_forbidden,
+    Concluded,
+    Concluded,
+    false
+);
+transition!(
+    transition_concluded_to_null_is_allowed,
+    Concluded,
+    Null,
+    true
+);
+transition!(
+    transition_null_to_undefined_is_forbidden,
+    Null,
+    Undefined,
+    false
+);
+transition!(
+    transition_null_to_created_is_forbidden,
+    Null,
+    Created,
+    false
+);
+transition!(
+    transition_null_to_running_is_forbidden,
+    Null,
+    Running,
+    false
+);
+transition!(transition_null_to_paused_is_forbidden, Null, Paused, false);
+transition!(transition_null_to_ready_is_forbidden, Null, Ready, false);
+transition!(
+    transition_null_to_standby_is_forbidden,
+    Null,
+    Standby,
+    false
+);
+transition!(
+    transition_null_to_waiting_is_forbidden,
+    Null,
+    Waiting,
+    false
+);
+transition!(
+    transition_null_to_pending_is_forbidden,
+    Null,
+    Pending,
+    false
+);
+transition!(
+    transition_null_to_aborting_is_forbidden,
+    Null,
+    Aborting,
+    false
+);
+transition!(
+    transition_null_to_concluded_is_forbidden,
+    Null,
+    Concluded,
+    false
+);
+transition!(transition_null_to_null_is_forbidden, Null, Null, false);
+
+verb!(
+    verb_cancel_in_undefined_is_rejected,
+    Cancel,
+    Undefined,
+    false
+);
+verb!(verb_cancel_in_created_is_accepted, Cancel, Created, true);
+verb!(verb_cancel_in_running_is_accepted, Cancel, Running, true);
+verb!(verb_cancel_in_paused_is_accepted, Cancel, Paused, true);
+verb!(verb_cancel_in_ready_is_accepted, Cancel, Ready, true);
+verb!(verb_cancel_in_standby_is_accepted, Cancel, Standby, true);
+verb!(verb_cancel_in_waiting_is_accepted, Cancel, Waiting, true);
+verb!(verb_cancel_in_pending_is_accepted, Cancel, Pending, true);
+verb!(verb_cancel_in_aborting_is_rejected, Cancel, Aborting, false);
+verb!(
+    verb_cancel_in_concluded_is_rejected,
+    Cancel,
+    Concluded,
+    false
+);
+verb!(verb_cancel_in_null_is_rejected, Cancel, Null, false);
+verb!(verb_pause_in_undefined_is_rejected, Pause, Undefined, false);
+verb!(verb_pause_in_created_is_accepted, Pause, Created, true);
+verb!(verb_pause_in_running_is_accepted, Pause, Running, true);
+verb!(verb_pause_in_paused_is_accepted, Pause, Paused, true);
+verb!(verb_pause_in_ready_is_accepted, Pause, Ready, true);
+verb!(verb_pause_in_standby_is_accepted, Pause, Standby, true);
+verb!(verb_pause_in_waiting_is_rejected, Pause, Waiting, false);
+verb!(verb_pause_in_pending_is_rejected, Pause, Pending, false);
+verb!(verb_pause_in_aborting_is_rejected, Pause, Aborting, false);
+verb!(verb_pause_in_concluded_is_rejected, Pause, Concluded, false);
+verb!(verb_pause_in_null_is_rejected, Pause, Null, false);
+verb!(
+    verb_resume_in_undefined_is_rejected,
+    Resume,
+    Undefined,
+    false
+);
+verb!(verb_resume_in_created_is_accepted, Resume, Created, true);
+verb!(verb_resume_in_running_is_accepted, Resume, Running, true);
+verb!(verb_resume_in_paused_is_accepted, Resume, Paused, true);
+verb!(verb_resume_in_ready_is_accepted, Resume, Ready, true);
+verb!(verb_resume_in_standby_is_accepted, Resume, Standby, true);
+verb!(verb_resume_in_waiting_is_rejected, Resume, Waiting, false);
+verb!(verb_resume_in_pending_is_rejected, Resume, Pending, false);
+verb!(verb_resume_in_aborting_is_rejected, Resume, Aborting, false);
+verb!(
+    verb_resume_in_concluded_is_rejected,
+    Resume,
+    Concluded,
+    false
+);
+verb!(verb_resume_in_null_is_rejected, Resume, Null, false);
+verb!(
+    verb_set_speed_in_undefined_is_rejected,
+    SetSpeed,
+    Undefined,
+    false
+);
+verb!(
+    verb_set_speed_in_created_is_accepted,
+    SetSpeed,
+    Created,
+    true
+);
+verb!(
+    verb_set_speed_in_running_is_accepted,
+    SetSpeed,
+    Running,
+    true
+);
+verb!(verb_set_speed_in_paused_is_accepted, SetSpeed, Paused, true);
+verb!(verb_set_speed_in_ready_is_accepted, SetSpeed, Ready, true);
+verb!(
+    verb_set_speed_in_standby_is_accepted,
+    SetSpeed,
+    Standby,
+    true
+);
+verb!(
+    verb_set_speed_in_waiting_is_rejected,
+    SetSpeed,
+    Waiting,
+    false
+);
+verb!(
+    verb_set_speed_in_pending_is_rejected,
+    SetSpeed,
+    Pending,
+    false
+);
+verb!(
+    verb_set_speed_in_aborting_is_rejected,
+    SetSpeed,
+    Aborting,
+    false
+);
+verb!(
+    verb_set_speed_in_concluded_is_rejected,
+    SetSpeed,
+    Concluded,
+    false
+);
+verb!(verb_set_speed_in_null_is_rejected, SetSpeed, Null, false);
+verb!(
+    verb_change_in_undefined_is_rejected,
+    Change,
+    Undefined,
+    false
+);
+verb!(verb_change_in_created_is_accepted, Change, Created, true);
+verb!(verb_change_in_running_is_accepted, Change, Running, true);
+verb!(verb_change_in_paused_is_accepted, Change, Paused, true);
+verb!(verb_change_in_ready_is_accepted, Change, Ready, true);
+verb!(verb_change_in_standby_is_accepted, Change, Standby, true);
+verb!(verb_change_in_waiting_is_rejected, Change, Waiting, false);
+verb!(verb_change_in_pending_is_rejected, Change, Pending, false);
+verb!(verb_change_in_aborting_is_rejected, Change, Aborting, false);
+verb!(
+    verb_change_in_concluded_is_rejected,
+    Change,
+    Concluded,
+    false
+);
+verb!(verb_change_in_null_is_rejected, Change, Null, false);
+verb!(
+    verb_complete_in_undefined_is_rejected,
+    Complete,
+    Undefined,
+    false
+);
+verb!(
+    verb_complete_in_created_is_rejected,
+    Complete,
+    Created,
+    false
+);
+verb!(
+    verb_complete_in_running_is_rejected,
+    Complete,
+    Running,
+    false
+);
+verb!(verb_complete_in_paused_is_rejected, Complete, Paused, false);
+verb!(verb_complete_in_ready_is_accepted, Complete, Ready, true);
+verb!(
+    verb_complete_in_standby_is_accepted,
+    Complete,
+    Standby,
+    true
+);
+verb!(
+    verb_complete_in_waiting_is_rejected,
+    Complete,
+    Waiting,
+    false
+);
+verb!(
+    verb_complete_in_pending_is_rejected,
+    Complete,
+    Pending,
+    false
+);
+verb!(
+    verb_complete_in_aborting_is_rejected,
+    Complete,
+    Aborting,
+    false
+);
+verb!(
+    verb_complete_in_concluded_is_rejected,
+    Complete,
+    Concluded,
+    false
+);
+verb!(verb_complete_in_null_is_rejected, Complete, Null, false);
+verb!(
+    verb_finalize_in_undefined_is_rejected,
+    Finalize,
+    Undefined,
+    false
+);
+verb!(
+    verb_finalize_in_created_is_rejected,
+    Finalize,
+    Created,
+    false
+);
+verb!(
+    verb_finalize_in_running_is_rejected,
+    Finalize,
+    Running,
+    false
+);
+verb!(verb_finalize_in_paused_is_rejected, Finalize, Paused, false);
+verb!(verb_finalize_in_ready_is_rejected, Finalize, Ready, false);
+verb!(
+    verb_finalize_in_standby_is_rejected,
+    Finalize,
+    Standby,
+    false
+);
+verb!(
+    verb_finalize_in_waiting_is_rejected,
+    Finalize,
+    Waiting,
+    false
+);
+verb!(
+    verb_finalize_in_pending_is_accepted,
+    Finalize,
+    Pending,
+    true
+);
+verb!(
+    verb_finalize_in_aborting_is_rejected,
+    Finalize,
+    Aborting,
+    false
+);
+verb!(
+    verb_finalize_in_concluded_is_rejected,
+    Finalize,
+    Concluded,
+    false
+);
+verb!(verb_finalize_in_null_is_rejected, Finalize, Null, false);
+verb!(
+    verb_dismiss_in_undefined_is_rejected,
+    Dismiss,
+    Undefined,
+    false
+);
+verb!(verb_dismiss_in_created_is_rejected, Dismiss, Created, false);
+verb!(verb_dismiss_in_running_is_rejected, Dismiss, Running, false);
+verb!(verb_dismiss_in_paused_is_rejected, Dismiss, Paused, false);
+verb!(verb_dismiss_in_ready_is_rejected, Dismiss, Ready, false);
+verb!(verb_dismiss_in_standby_is_rejected, Dismiss, Standby, false);
+verb!(verb_dismiss_in_waiting_is_rejected, Dismiss, Waiting, false);
+verb!(verb_dismiss_in_pending_is_rejected, Dismiss, Pending, false);
+verb!(
+    verb_dismiss_in_aborting_is_rejected,
+    Dismiss,
+    Aborting,
+    false
+);
+verb!(
+    verb_dismiss_in_concluded_is_accepted,
+    Dismiss,
+    Concluded,
+    true
+);
+verb!(verb_dismiss_in_null_is_rejected, Dismiss, Null, false);
