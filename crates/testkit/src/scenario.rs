@@ -667,18 +667,35 @@ pub fn compare(scenario: &Scenario, left: &Transcript, right: &Transcript) -> Re
         let label = a.or(b).map(|g| g.label.as_str()).unwrap_or_default();
         let step = a.or(b).and_then(|g| g.step);
         let show = |g: Option<&Group>| {
-            g.map_or("<missing>".to_string(), |g| {
-                serde_json::to_string_pretty(&g.observed()).expect("JSON serializes")
+            g.map_or("  <missing>\n".to_string(), |g| {
+                let mut out = String::new();
+                for (kind, items) in [("reply", &g.replies), ("event", &g.events)] {
+                    for item in items {
+                        let _ = writeln!(out, "  {kind}: {item}");
+                    }
+                }
+                for note in &g.notes {
+                    let _ = writeln!(out, "  note: {note}");
+                }
+                out
             })
         };
+        let observed = |g: Option<&Group>| g.map_or(Value::Null, Group::observed);
+        let mut paths = Vec::new();
+        json_diff("", &observed(a), &observed(b), &mut paths);
         let _ = writeln!(
             report,
-            "--- scenario {}, {}: {label}\n[{l}]\n{}\n[{r}]\n{}\n",
+            "--- scenario {}, {}: {label}",
             scenario.name,
             step.map_or("(implicit)".to_string(), |s| format!("step {s}")),
-            show(a),
-            show(b),
         );
+        for line in paths.iter().take(20) {
+            let _ = writeln!(report, "  differs at {line}");
+        }
+        if paths.len() > 20 {
+            let _ = writeln!(report, "  ... and {} more", paths.len() - 20);
+        }
+        let _ = writeln!(report, "[{l}]\n{}[{r}]\n{}", show(a), show(b));
     }
     if report.is_empty() {
         Ok(())
@@ -689,6 +706,37 @@ pub fn compare(scenario: &Scenario, left: &Transcript, right: &Transcript) -> Re
             left.stderr, right.stderr
         );
         Err(report)
+    }
+}
+
+/// Collects `pointer: left != right` for every differing leaf.
+fn json_diff(path: &str, left: &Value, right: &Value, out: &mut Vec<String>) {
+    match (left, right) {
+        (Value::Object(l), Value::Object(r)) => {
+            for (k, lv) in l {
+                let p = format!("{path}/{k}");
+                match r.get(k) {
+                    Some(rv) => json_diff(&p, lv, rv, out),
+                    None => out.push(format!("{p}: {lv} != <absent>")),
+                }
+            }
+            for (k, rv) in r.iter().filter(|(k, _)| !l.contains_key(*k)) {
+                out.push(format!("{path}/{k}: <absent> != {rv}"));
+            }
+        }
+        (Value::Array(l), Value::Array(r)) => {
+            for i in 0..l.len().max(r.len()) {
+                let p = format!("{path}/{i}");
+                match (l.get(i), r.get(i)) {
+                    (Some(lv), Some(rv)) => json_diff(&p, lv, rv, out),
+                    (Some(lv), None) => out.push(format!("{p}: {lv} != <absent>")),
+                    (None, Some(rv)) => out.push(format!("{p}: <absent> != {rv}")),
+                    (None, None) => {}
+                }
+            }
+        }
+        _ if left != right => out.push(format!("{path}: {left} != {right}")),
+        _ => {}
     }
 }
 
@@ -725,4 +773,73 @@ pub fn scenario_names(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_node_names_keep_counter_and_mask_random_digits() {
+        let masked = mask_auto_node_names("json:{\"file\": \"#block12345\"} #block070 #blk1");
+
+        assert_eq!(masked, "json:{\"file\": \"#block123??\"} #block0?? #blk1");
+    }
+
+    #[test]
+    fn wait_events_match_in_order_with_data_subsets() {
+        let events = vec![
+            json!({"event": "JOB_STATUS_CHANGE", "data": {"id": "a", "status": "created"}}),
+            json!({"event": "JOB_STATUS_CHANGE", "data": {"id": "a", "status": "concluded"}}),
+        ];
+        let specs = [
+            json!("JOB_STATUS_CHANGE"),
+            json!({"event": "JOB_STATUS_CHANGE", "data": {"status": "concluded"}}),
+            json!({"event": "JOB_STATUS_CHANGE", "data": {"status": "null"}}),
+        ];
+
+        assert_eq!(first_unmatched(&specs, &events), Some(2));
+    }
+
+    #[test]
+    fn normalize_masks_timestamp_dir_and_pointers() {
+        let mut msg = json!({
+            "event": "X",
+            "timestamp": {"seconds": 1, "microseconds": 2},
+            "data": {"list": [{"f": "/tmp/d/a.img", "n": 1}, {"f": "b", "n": 2}]}
+        });
+        let step = json!({"mask": ["/data/list/*/n"]});
+
+        normalize(&mut msg, "/tmp/d", &step);
+
+        assert_eq!(
+            msg,
+            json!({
+                "event": "X",
+                "timestamp": "<timestamp>",
+                "data": {"list": [{"f": "$DIR/a.img", "n": MASKED}, {"f": "b", "n": MASKED}]}
+            })
+        );
+    }
+
+    #[test]
+    fn json_diff_names_the_differing_paths() {
+        let mut out = Vec::new();
+
+        json_diff(
+            "",
+            &json!({"a": [1, 2], "b": 1}),
+            &json!({"a": [1], "c": 1}),
+            &mut out,
+        );
+
+        assert_eq!(
+            out,
+            [
+                "/a/1: 2 != <absent>",
+                "/b: 1 != <absent>",
+                "/c: <absent> != 1"
+            ]
+        );
+    }
 }
