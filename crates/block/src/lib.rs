@@ -1,1 +1,40 @@
-//! block
+//! blockd's block layer: the graph of nodes, their permissions and drain gates, and the
+//! drivers that do the I/O (`file`, `raw`, `null-co`).
+//!
+//! It knows nothing of JSON text, QMP or NBD: the daemon hands it typed options
+//! ([`BlockdevOptions`]) and maps its [`Error`]s to QMP errors; exports and jobs do
+//! I/O through [`Node`] and [`Backend`] handles.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), block::Error> {
+//! use block::{BlockGraph, BlockdevOptions, Perm};
+//! let mut graph = BlockGraph::new();
+//! let opts: BlockdevOptions = serde_json::from_value(serde_json::json!(
+//!     {"driver": "raw", "node-name": "r0", "file": {"driver": "file", "filename": "a.img"}}
+//! )).expect("valid options");
+//! graph.add(opts).await?;
+//! let user = graph.attach("r0", Perm::CONSISTENT_READ | Perm::WRITE,
+//!                         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED, "")?;
+//! user.write(0, &[1; 512], Default::default()).await?;
+//! # Ok(()) }
+//! ```
+
+pub mod drain;
+pub mod driver;
+pub mod error;
+pub mod filename;
+pub mod graph;
+pub mod node;
+pub mod options;
+pub mod perm;
+
+pub use driver::create::create_file;
+pub use driver::{BlockDriver, DriverInfo, Extent, FormatSpecific, WriteFlags, ZeroFlags};
+pub use error::{Error, ErrorKind, Result};
+pub use graph::{Backend, BlockGraph, DumpEdge, DumpNode, DumpNodeType, GraphDump};
+pub use node::{CacheInfo, ImageInfo, Node, NodeFlags, NodeInfo};
+pub use options::{
+    BlockdevOptions, BlockdevRef, CommonOptions, CreateOptions, DetectZeroes, Discard,
+    DriverOptions, FileCreateOptions, FileOptions, NullOptions, PreallocMode, RawOptions,
+};
+pub use perm::Perm;

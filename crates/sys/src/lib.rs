@@ -3,4 +3,5 @@
 //! control). Every `unsafe` block states the invariants it relies on.
 #![allow(unsafe_code)]
 
+pub mod file;
 pub mod process;

@@ -1,0 +1,107 @@
+//! Block drivers: what one node does with a request. The [`crate::Node`] in front of
+//! every driver has already counted the request, checked bounds, read-only state and
+//! the drain gate, so drivers see only in-range requests.
+
+use async_trait::async_trait;
+use std::fmt;
+
+use crate::error::Result;
+use crate::filename::Filename;
+use crate::perm::Perm;
+
+pub mod create;
+pub mod file;
+pub mod null;
+pub mod raw;
+#[cfg(test)]
+mod tests;
+
+/// Flags of a data write.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriteFlags {
+    /// Force unit access: the data is on stable storage when the write completes.
+    pub fua: bool,
+}
+
+/// Flags of a write-zeroes request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZeroFlags {
+    /// The range may be deallocated instead of written (a hole reads as zeroes).
+    pub may_unmap: bool,
+    /// Fail with `ENOTSUP` rather than writing a buffer of zeroes.
+    pub no_fallback: bool,
+    /// Force unit access.
+    pub fua: bool,
+}
+
+/// Allocation status of a run of bytes starting at the queried offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// The range holds data (not a hole).
+    pub data: bool,
+    /// The range reads as zeroes.
+    pub zero: bool,
+    /// The range is allocated at this layer (as opposed to coming from a backing file).
+    pub allocated: bool,
+    /// Length of the run; at least 1 and at most the queried length.
+    pub len: u64,
+}
+
+/// `format-specific` part of the image info, per driver.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FormatSpecific {
+    /// `{"type": "file", "data": {}}`.
+    File,
+}
+
+/// Image details a driver contributes to `query-named-block-nodes`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DriverInfo {
+    /// Bytes allocated on the host (`st_blocks * 512`), when known.
+    pub actual_size: Option<u64>,
+    /// `dirty-flag`, when the format has one (file and raw show `false`).
+    pub dirty_flag: Option<bool>,
+    /// `format-specific`, when present.
+    pub format_specific: Option<FormatSpecific>,
+}
+
+/// What a node's driver can do. One implementation per QMP `driver` value.
+#[async_trait]
+pub trait BlockDriver: Send + Sync + fmt::Debug {
+    /// The driver name as QMP spells it (`file`, `raw`, `null-co`).
+    fn name(&self) -> &'static str;
+    /// Current virtual size in bytes.
+    fn size(&self) -> u64;
+    /// Alignment requests must have to reach the host unchanged (1 = any).
+    fn alignment(&self) -> u64 {
+        1
+    }
+    /// Reads `buf.len()` bytes at `offset`.
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Writes `buf` at `offset`.
+    async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()>;
+    /// Makes `len` bytes at `offset` read as zeroes.
+    async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()>;
+    /// Hints that `len` bytes at `offset` are no longer needed.
+    async fn discard(&self, offset: u64, len: u64) -> Result<()>;
+    /// Makes completed writes stable.
+    async fn flush(&self) -> Result<()>;
+    /// Status of the run starting at `offset` (at most `len` bytes).
+    async fn block_status(&self, offset: u64, len: u64) -> Result<Extent>;
+    /// Changes the virtual size.
+    async fn truncate(&self, size: u64) -> Result<()>;
+    /// The node's filename and strong options.
+    fn filename(&self) -> Filename;
+    /// Extra image details for `query-named-block-nodes`.
+    fn info(&self) -> DriverInfo {
+        DriverInfo::default()
+    }
+    /// Checks that the node may hold `perm` while sharing `shared` (e.g. image locks of
+    /// other processes); changes nothing.
+    fn check_perm(&self, _perm: Perm, _shared: Perm) -> Result<()> {
+        Ok(())
+    }
+    /// Records the node's new cumulative permissions (after `check_perm` passed).
+    fn set_perm(&self, _perm: Perm, _shared: Perm) {}
+}

@@ -1,0 +1,620 @@
+//! The block graph: every node by name, the edges between them and the users on top.
+//!
+//! One owner (the daemon's control task) holds `&mut BlockGraph`; the data plane holds
+//! `Arc<Node>` and [`Backend`] handles. Nodes are kept in creation order (children
+//! before their parents); QSD lists them newest first.
+
+use indexmap::IndexMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use crate::driver::file::{FileDriver, FileOpenFlags};
+use crate::driver::null::NullDriver;
+use crate::driver::raw::RawDriver;
+use crate::driver::{BlockDriver, Extent, WriteFlags, ZeroFlags};
+use crate::error::{Error, Result};
+use crate::node::{cumulative, Child, Node, NodeFlags, NodeInfo, ParentEdge, ParentKey};
+use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverOptions};
+use crate::perm::Perm;
+
+/// Longest node-name QEMU accepts.
+const NODE_NAME_MAX: usize = 31;
+
+static NEXT_USER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The graph of block nodes.
+#[derive(Debug, Default)]
+pub struct BlockGraph {
+    nodes: IndexMap<String, Arc<Node>>,
+    users: Mutex<Vec<Weak<UserRecord>>>,
+    implicit_counter: u64,
+}
+
+#[derive(Debug)]
+struct UserRecord {
+    id: u64,
+    name: String,
+    node: Arc<Node>,
+}
+
+/// A user of a node (export, job, temporary handle): holds a `root` edge with its
+/// permissions until dropped. Requests through it are checked against what it took.
+#[derive(Debug)]
+pub struct Backend {
+    record: Arc<UserRecord>,
+    perm: Perm,
+}
+
+/// `x-debug-query-block-graph` output as plain data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GraphDump {
+    pub nodes: Vec<DumpNode>,
+    pub edges: Vec<DumpEdge>,
+}
+
+/// Whether a dumped vertex is a node or a user.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DumpNodeType {
+    BlockBackend,
+    BlockDriver,
+}
+
+impl DumpNodeType {
+    /// The QAPI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DumpNodeType::BlockBackend => "block-backend",
+            DumpNodeType::BlockDriver => "block-driver",
+        }
+    }
+}
+
+/// One vertex of the dump.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DumpNode {
+    pub id: u64,
+    pub node_type: DumpNodeType,
+    pub name: String,
+}
+
+/// One edge of the dump; perms in QEMU's printing order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DumpEdge {
+    pub parent: u64,
+    pub child: u64,
+    pub name: String,
+    pub perm: Vec<&'static str>,
+    pub shared_perm: Vec<&'static str>,
+}
+
+fn validate_node_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphabetic());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !first_ok || !rest_ok {
+        return Err(Error::InvalidNodeName(name.to_string()));
+    }
+    if name.len() > NODE_NAME_MAX {
+        return Err(Error::NodeNameTooLong);
+    }
+    Ok(())
+}
+
+/// Two pseudo-random decimal digits, as QEMU appends to generated names.
+fn two_random_digits() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    u64::from(nanos / 1000) % 100
+}
+
+type Plan = Vec<(Arc<Node>, ParentKey, Option<ParentEdge>)>;
+
+/// Works out every edge that changes when `key`'s edge on `node` becomes `new`,
+/// checking conflicts (when `check`) without changing anything.
+fn plan_edge(
+    node: &Arc<Node>,
+    key: ParentKey,
+    new: Option<ParentEdge>,
+    check: bool,
+    plan: &mut Plan,
+) -> Result<()> {
+    let mut parents = node.parents();
+    parents.retain(|e| e.key != key);
+    if let Some(edge) = &new {
+        if check {
+            check_edge(node, edge, &parents)?;
+        }
+        parents.push(edge.clone());
+    }
+    let (perm, shared) = cumulative(&parents);
+    if check {
+        node.driver().check_perm(perm, shared)?;
+    }
+    plan.push((node.clone(), key, new));
+    for child in node.children() {
+        let (cp, cs) = child.role.child_perms(perm, shared);
+        let ckey = ParentKey::Node(node.name().to_string());
+        let current = child.node.parents().into_iter().find(|e| e.key == ckey);
+        if current.as_ref().map(|e| (e.perm, e.shared)) != Some((cp, cs)) {
+            let edge = ParentEdge {
+                key: ckey.clone(),
+                desc: format!("node '{}'", node.name()),
+                role: child.name.clone(),
+                perm: cp,
+                shared: cs,
+            };
+            plan_edge(&child.node, ckey, Some(edge), check, plan)?;
+        }
+    }
+    Ok(())
+}
+
+fn check_edge(node: &Node, edge: &ParentEdge, others: &[ParentEdge]) -> Result<()> {
+    if node.is_read_only() && !(edge.perm & (Perm::WRITE | Perm::RESIZE)).is_empty() {
+        return Err(Error::NodeReadOnly);
+    }
+    let conflict = |holder: &ParentEdge, blocker: &ParentEdge, perms: Perm| {
+        Error::PermissionConflict(Box::new(crate::error::PermConflict {
+            node: node.name().to_string(),
+            perms: perms.joined_names(),
+            holder: holder.desc.clone(),
+            holder_role: holder.role.clone(),
+            blocker: blocker.desc.clone(),
+            blocker_role: blocker.role.clone(),
+        }))
+    };
+    for other in others {
+        let denied = edge.perm & !other.shared;
+        if !denied.is_empty() {
+            return Err(conflict(edge, other, denied));
+        }
+        let denied = other.perm & !edge.shared;
+        if !denied.is_empty() {
+            return Err(conflict(other, edge, denied));
+        }
+    }
+    Ok(())
+}
+
+fn apply_plan(plan: Plan) {
+    for (node, key, new) in plan {
+        let (perm, shared) = {
+            let mut parents = node.lock_parents();
+            match (parents.iter_mut().find(|e| e.key == key), new) {
+                (Some(slot), Some(edge)) => *slot = edge,
+                (None, Some(edge)) => parents.insert(0, edge),
+                (_, None) => parents.retain(|e| e.key != key),
+            }
+            cumulative(&parents)
+        };
+        node.driver().set_perm(perm, shared);
+    }
+}
+
+/// Sets (or with `None` removes) `key`'s edge on `node` and everything below it.
+fn update_edge(node: &Arc<Node>, key: ParentKey, new: Option<ParentEdge>) -> Result<()> {
+    let check = new.is_some();
+    let mut plan = Vec::new();
+    plan_edge(node, key, new, check, &mut plan)?;
+    apply_plan(plan);
+    Ok(())
+}
+
+fn remove_edge(node: &Arc<Node>, key: ParentKey) {
+    let mut plan = Vec::new();
+    // Removing an edge only relaxes permissions, so planning without checks cannot fail.
+    if plan_edge(node, key, None, false, &mut plan).is_ok() {
+        apply_plan(plan);
+    }
+}
+
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+impl BlockGraph {
+    /// An empty graph.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The node named `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Node>> {
+        self.nodes.get(name).cloned()
+    }
+
+    /// All nodes, newest first (query-named-block-nodes order).
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.nodes.values().rev().cloned().collect()
+    }
+
+    /// `query-named-block-nodes` data, newest first.
+    pub fn infos(&self) -> Vec<NodeInfo> {
+        self.nodes.values().rev().map(|n| n.info()).collect()
+    }
+
+    /// `blockdev-add`: opens the node described by `opts` (and its inline children).
+    pub async fn add(&mut self, opts: BlockdevOptions) -> Result<Arc<Node>> {
+        self.add_node(opts, true).await
+    }
+
+    fn add_node(
+        &mut self,
+        opts: BlockdevOptions,
+        is_root: bool,
+    ) -> BoxFuture<'_, Result<Arc<Node>>> {
+        Box::pin(async move {
+            let common = &opts.common;
+            let name = match &common.node_name {
+                Some(name) => {
+                    validate_node_name(name)?;
+                    if self.nodes.contains_key(name) {
+                        return Err(Error::DuplicateNodeName(name.clone()));
+                    }
+                    name.clone()
+                }
+                None if is_root => return Err(Error::RootNodeNeedsName),
+                None => {
+                    let name = format!("#block{}{:02}", self.implicit_counter, two_random_digits());
+                    self.implicit_counter += 1;
+                    name
+                }
+            };
+            let flags = NodeFlags {
+                read_only: common.read_only.unwrap_or(false),
+                auto_read_only: common.auto_read_only.unwrap_or(false),
+                force_share: common.force_share.unwrap_or(false),
+                active: common.active.unwrap_or(true),
+                discard: common.discard.unwrap_or_default(),
+                detect_zeroes: common.detect_zeroes.unwrap_or_default(),
+                direct: common.cache.and_then(|c| c.direct).unwrap_or(false),
+                no_flush: common.cache.and_then(|c| c.no_flush).unwrap_or(false),
+            };
+            if flags.force_share && !flags.read_only {
+                return Err(Error::ForceShareNeedsReadOnly);
+            }
+            if flags.detect_zeroes == DetectZeroes::Unmap && flags.discard != Discard::Unmap {
+                return Err(Error::DetectZeroesUnmapNeedsDiscard);
+            }
+            let (driver, children, flags) = self.open_driver(&opts.driver, flags).await?;
+            let node = Arc::new(Node::new(name.clone(), !is_root, driver, flags, children));
+            for child in node.children() {
+                let edge = ParentEdge {
+                    key: ParentKey::Node(name.clone()),
+                    desc: format!("node '{name}'"),
+                    role: child.name.clone(),
+                    perm: Perm::NONE,
+                    shared: Perm::ALL,
+                };
+                let (perm, shared) = child.role.child_perms(edge.perm, edge.shared);
+                let edge = ParentEdge {
+                    perm,
+                    shared,
+                    ..edge
+                };
+                if let Err(err) = update_edge(&child.node, edge.key.clone(), Some(edge)) {
+                    self.drop_implicit_children(&node).await;
+                    return Err(err);
+                }
+            }
+            self.nodes.insert(name, node.clone());
+            Ok(node)
+        })
+    }
+
+    async fn open_driver(
+        &mut self,
+        opts: &DriverOptions,
+        mut flags: NodeFlags,
+    ) -> Result<(Box<dyn BlockDriver>, Vec<Child>, NodeFlags)> {
+        match opts {
+            DriverOptions::File(file) => {
+                let open_flags = FileOpenFlags {
+                    read_only: flags.read_only,
+                    auto_read_only: flags.auto_read_only,
+                    direct: flags.direct,
+                    force_share: flags.force_share,
+                };
+                let (driver, read_only) = FileDriver::open(file, open_flags).await?;
+                flags.read_only = read_only;
+                Ok((Box::new(driver), Vec::new(), flags))
+            }
+            DriverOptions::NullCo(null) => {
+                Ok((Box::new(NullDriver::open(null)?), Vec::new(), flags))
+            }
+            DriverOptions::Raw(raw) => {
+                let child = match &raw.file {
+                    BlockdevRef::Reference(name) => {
+                        self.get(name).ok_or_else(|| Error::DeviceNotFound {
+                            device: name.clone(),
+                            node: name.clone(),
+                        })?
+                    }
+                    BlockdevRef::Definition(inline) => {
+                        let mut inline = (**inline).clone();
+                        // An inline child inherits the parent's read-only flag.
+                        if flags.read_only && inline.common.read_only.is_none() {
+                            inline.common.read_only = Some(true);
+                        }
+                        self.add_node(inline, false).await?
+                    }
+                };
+                match RawDriver::open(child.clone(), raw.offset, raw.size) {
+                    Ok(driver) => {
+                        let role = driver.child_role();
+                        let children = vec![Child {
+                            name: "file".into(),
+                            node: child,
+                            role,
+                        }];
+                        Ok((Box::new(driver), children, flags))
+                    }
+                    Err(err) => {
+                        if child.is_implicit() && child.parents().is_empty() {
+                            self.nodes.shift_remove(child.name());
+                        }
+                        Err(err)
+                    }
+                }
+            }
+        }
+    }
+
+    async fn drop_implicit_children(&mut self, node: &Arc<Node>) {
+        for child in node.children() {
+            remove_edge(&child.node, ParentKey::Node(node.name().to_string()));
+            if child.node.is_implicit() && child.node.parents().is_empty() {
+                self.nodes.shift_remove(child.node.name());
+            }
+        }
+    }
+
+    /// `blockdev-del`: removes a monitor-owned node nobody uses, and its implicit children.
+    pub async fn remove(&mut self, name: &str) -> Result<()> {
+        let node = self
+            .get(name)
+            .ok_or_else(|| Error::NodeNotFound(name.to_string()))?;
+        if node.is_implicit() {
+            return Err(Error::NotMonitorOwned(name.to_string()));
+        }
+        let parents = node.parents();
+        if parents.iter().any(|e| matches!(e.key, ParentKey::User(_))) {
+            return Err(Error::NodeHasUsers(name.to_string()));
+        }
+        if !parents.is_empty() {
+            return Err(Error::NodeHasParents(name.to_string()));
+        }
+        self.delete(node).await;
+        Ok(())
+    }
+
+    fn delete(&mut self, node: Arc<Node>) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            node.gate().drain().await;
+            self.nodes.shift_remove(node.name());
+            for child in node.children() {
+                remove_edge(&child.node, ParentKey::Node(node.name().to_string()));
+                if child.node.is_implicit() && child.node.parents().is_empty() {
+                    self.delete(child.node.clone()).await;
+                }
+            }
+            node.gate().undrain();
+        })
+    }
+
+    /// Closes every node, parents before children.
+    pub async fn close_all(&mut self) {
+        while let Some((_, node)) = self.nodes.pop() {
+            node.gate().drain().await;
+            let _ = node.flush().await;
+            for child in node.children() {
+                remove_edge(&child.node, ParentKey::Node(node.name().to_string()));
+            }
+            node.gate().undrain();
+        }
+    }
+
+    /// Attaches a user to `node_name` holding `perm` and sharing `shared`. `name` is the
+    /// user's name for messages and the graph dump ("" = an unnamed block device).
+    pub fn attach(&self, node_name: &str, perm: Perm, shared: Perm, name: &str) -> Result<Backend> {
+        let node = self
+            .get(node_name)
+            .ok_or_else(|| Error::NodeNotFound(node_name.to_string()))?;
+        attach_user(&node, perm, shared, name, &self.users)
+    }
+
+    /// `block_resize`: looks the node up as QMP's `device` / `node-name`, takes the
+    /// resize permission for the duration, drains the node and truncates it.
+    pub async fn resize(
+        &mut self,
+        device: Option<&str>,
+        node_name: Option<&str>,
+        size: i64,
+    ) -> Result<()> {
+        let node = node_name
+            .and_then(|n| self.get(n))
+            .ok_or_else(|| Error::DeviceNotFound {
+                device: device.unwrap_or("").to_string(),
+                node: node_name.unwrap_or("").to_string(),
+            })?;
+        let size = u64::try_from(size).map_err(|_| Error::NegativeSize)?;
+        if node.is_read_only() {
+            return Err(Error::ImageReadOnly);
+        }
+        let user = attach_user(&node, Perm::RESIZE, Perm::ALL, "", &self.users)?;
+        node.gate().drain().await;
+        let result = node.truncate(size).await;
+        node.gate().undrain();
+        drop(user);
+        result
+    }
+
+    /// `x-debug-query-block-graph`.
+    pub fn debug_graph(&self) -> GraphDump {
+        let mut ids: IndexMap<String, u64> = IndexMap::new();
+        let mut next = 1u64;
+        let mut id_of = |key: String, ids: &mut IndexMap<String, u64>| -> u64 {
+            *ids.entry(key).or_insert_with(|| {
+                let id = next;
+                next += 1;
+                id
+            })
+        };
+        let mut nodes = Vec::new();
+        let mut edges = Vec::new();
+        for user in self.live_users() {
+            let id = id_of(format!("user:{}", user.id), &mut ids);
+            nodes.push(DumpNode {
+                id,
+                node_type: DumpNodeType::BlockBackend,
+                name: user.name.clone(),
+            });
+            let child = id_of(format!("node:{}", user.node.name()), &mut ids);
+            if let Some(edge) = user
+                .node
+                .parents()
+                .into_iter()
+                .find(|e| e.key == ParentKey::User(user.id))
+            {
+                edges.push(dump_edge(id, child, &edge));
+            }
+        }
+        for node in self.nodes.values() {
+            let id = id_of(format!("node:{}", node.name()), &mut ids);
+            nodes.push(DumpNode {
+                id,
+                node_type: DumpNodeType::BlockDriver,
+                name: node.name().to_string(),
+            });
+            for child in node.children() {
+                let cid = id_of(format!("node:{}", child.node.name()), &mut ids);
+                let key = ParentKey::Node(node.name().to_string());
+                if let Some(edge) = child.node.parents().into_iter().find(|e| e.key == key) {
+                    edges.push(dump_edge(id, cid, &edge));
+                }
+            }
+        }
+        nodes.reverse();
+        edges.reverse();
+        GraphDump { nodes, edges }
+    }
+
+    fn live_users(&self) -> Vec<Arc<UserRecord>> {
+        let mut users = match self.users.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        users.retain(|u| u.strong_count() > 0);
+        users.iter().filter_map(Weak::upgrade).collect()
+    }
+}
+
+fn dump_edge(parent: u64, child: u64, edge: &ParentEdge) -> DumpEdge {
+    DumpEdge {
+        parent,
+        child,
+        name: edge.role.clone(),
+        perm: edge.perm.names_for_dump(),
+        shared_perm: edge.shared.names_for_dump(),
+    }
+}
+
+fn attach_user(
+    node: &Arc<Node>,
+    perm: Perm,
+    shared: Perm,
+    name: &str,
+    users: &Mutex<Vec<Weak<UserRecord>>>,
+) -> Result<Backend> {
+    let id = NEXT_USER_ID.fetch_add(1, Ordering::Relaxed);
+    let desc = if name.is_empty() {
+        "an unnamed block device".to_string()
+    } else {
+        format!("block device '{name}'")
+    };
+    let edge = ParentEdge {
+        key: ParentKey::User(id),
+        desc,
+        role: "root".into(),
+        perm,
+        shared,
+    };
+    update_edge(node, ParentKey::User(id), Some(edge))?;
+    let record = Arc::new(UserRecord {
+        id,
+        name: name.to_string(),
+        node: node.clone(),
+    });
+    let mut list = match users.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    list.push(Arc::downgrade(&record));
+    Ok(Backend { record, perm })
+}
+
+impl Drop for UserRecord {
+    fn drop(&mut self) {
+        remove_edge(&self.node, ParentKey::User(self.id));
+    }
+}
+
+impl Backend {
+    /// The node this user is attached to.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.record.node
+    }
+
+    /// The permissions this user holds.
+    pub fn perm(&self) -> Perm {
+        self.perm
+    }
+
+    fn need(&self, perm: Perm, name: &'static str) -> Result<()> {
+        if self.perm.contains(perm) {
+            Ok(())
+        } else {
+            Err(Error::PermissionNotTaken(name))
+        }
+    }
+
+    /// Reads through the node.
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.node().read(offset, buf).await
+    }
+
+    /// Writes through the node (needs `write`).
+    pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.need(Perm::WRITE, "write")?;
+        self.node().write(offset, buf, flags).await
+    }
+
+    /// Zeroes through the node (needs `write`).
+    pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
+        self.need(Perm::WRITE, "write")?;
+        self.node().write_zeroes(offset, len, flags).await
+    }
+
+    /// Discards through the node (needs `write`).
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.need(Perm::WRITE, "write")?;
+        self.node().discard(offset, len).await
+    }
+
+    /// Flushes the node.
+    pub async fn flush(&self) -> Result<()> {
+        self.node().flush().await
+    }
+
+    /// Block status of the node.
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        self.node().block_status(offset, len).await
+    }
+
+    /// Size of the node.
+    pub fn size(&self) -> u64 {
+        self.node().size()
+    }
+}

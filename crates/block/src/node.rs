@@ -1,0 +1,352 @@
+//! A node of the block graph and its request API.
+//!
+//! Every request passes, in this order: the zero-length shortcut, the read-only check,
+//! the bounds check against the node's current size, the drain gate (which counts it in
+//! flight), then the driver. `detect-zeroes` and `discard` are applied here so drivers
+//! never see them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use crate::drain::Gate;
+use crate::driver::{BlockDriver, Extent, FormatSpecific, WriteFlags, ZeroFlags};
+use crate::error::{Error, Result};
+use crate::options::{DetectZeroes, Discard};
+use crate::perm::{ChildRole, Perm};
+
+/// Node-level settings from the common `blockdev-add` members.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeFlags {
+    pub read_only: bool,
+    pub auto_read_only: bool,
+    pub force_share: bool,
+    pub active: bool,
+    pub discard: Discard,
+    pub detect_zeroes: DetectZeroes,
+    pub direct: bool,
+    pub no_flush: bool,
+}
+
+/// A child edge, owned by the parent.
+#[derive(Debug, Clone)]
+pub struct Child {
+    /// The child's role name as QEMU prints it (`file`, `backing`, ...).
+    pub name: String,
+    /// The child node.
+    pub node: Arc<Node>,
+    /// How the parent's permissions translate to the child's.
+    pub role: ChildRole,
+}
+
+/// Who holds a parent edge on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParentKey {
+    /// Another node (by node-name).
+    Node(String),
+    /// A user handle ([`crate::Backend`]) by its id.
+    User(u64),
+}
+
+/// A parent's claim on a node: stored at the child, the one place it is checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentEdge {
+    pub key: ParentKey,
+    /// How messages name the parent ("node 'r0'", "an unnamed block device").
+    pub desc: String,
+    /// The edge name (`file`, `root`, ...).
+    pub role: String,
+    pub perm: Perm,
+    pub shared: Perm,
+}
+
+/// One node of the graph: a driver plus its edges, flags and request gate.
+#[derive(Debug)]
+pub struct Node {
+    name: String,
+    implicit: bool,
+    driver: Box<dyn BlockDriver>,
+    flags: NodeFlags,
+    children: Vec<Child>,
+    parents: Mutex<Vec<ParentEdge>>,
+    gate: Gate,
+    write_threshold: AtomicU64,
+}
+
+/// `cache` in query-named-block-nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CacheInfo {
+    pub writeback: bool,
+    pub direct: bool,
+    pub no_flush: bool,
+}
+
+/// `ImageInfo` as query-named-block-nodes shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub filename: String,
+    pub format: &'static str,
+    pub virtual_size: u64,
+    pub actual_size: Option<u64>,
+    pub dirty_flag: Option<bool>,
+    pub format_specific: Option<FormatSpecific>,
+    pub backing_filename: Option<String>,
+    pub backing_image: Option<Box<ImageInfo>>,
+}
+
+/// `BlockDeviceInfo` as query-named-block-nodes shows it (the daemon adds the
+/// always-zero throttling fields).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub node_name: String,
+    pub file: String,
+    pub ro: bool,
+    pub drv: &'static str,
+    pub backing_file: Option<String>,
+    pub backing_file_depth: u32,
+    pub active: bool,
+    pub encrypted: bool,
+    pub detect_zeroes: DetectZeroes,
+    pub cache: CacheInfo,
+    pub write_threshold: u64,
+    pub image: ImageInfo,
+}
+
+impl Node {
+    pub(crate) fn new(
+        name: String,
+        implicit: bool,
+        driver: Box<dyn BlockDriver>,
+        flags: NodeFlags,
+        children: Vec<Child>,
+    ) -> Self {
+        Self {
+            name,
+            implicit,
+            driver,
+            flags,
+            children,
+            parents: Mutex::new(Vec::new()),
+            gate: Gate::new(),
+            write_threshold: AtomicU64::new(0),
+        }
+    }
+
+    /// The node-name (generated `#block…` names for implicit children).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Whether the node was created implicitly as an inline child (not monitor-owned).
+    pub fn is_implicit(&self) -> bool {
+        self.implicit
+    }
+
+    /// The driver name as QMP spells it.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver.name()
+    }
+
+    /// The node's flags.
+    pub fn flags(&self) -> NodeFlags {
+        self.flags
+    }
+
+    /// Whether the node is read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.flags.read_only
+    }
+
+    /// The child edges.
+    pub fn children(&self) -> &[Child] {
+        &self.children
+    }
+
+    /// A snapshot of the parent edges.
+    pub fn parents(&self) -> Vec<ParentEdge> {
+        self.lock_parents().clone()
+    }
+
+    pub(crate) fn lock_parents(&self) -> MutexGuard<'_, Vec<ParentEdge>> {
+        match self.parents.lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// The union of the parents' perms and the intersection of their shared perms.
+    pub fn cumulative_perms(&self) -> (Perm, Perm) {
+        cumulative(&self.lock_parents())
+    }
+
+    /// The drain gate.
+    pub fn gate(&self) -> &Gate {
+        &self.gate
+    }
+
+    /// The driver (for drivers stacking on this node and for tests).
+    pub fn driver(&self) -> &dyn BlockDriver {
+        self.driver.as_ref()
+    }
+
+    /// Current virtual size in bytes.
+    pub fn size(&self) -> u64 {
+        self.driver.size()
+    }
+
+    /// `write_threshold` in bytes (0 = off).
+    pub fn write_threshold(&self) -> u64 {
+        self.write_threshold.load(Ordering::Relaxed)
+    }
+
+    /// Arms (or with 0 disarms) the write threshold.
+    pub fn set_write_threshold(&self, bytes: u64) {
+        self.write_threshold.store(bytes, Ordering::Relaxed);
+    }
+
+    fn check_range(&self, offset: u64, len: u64) -> Result<()> {
+        let size = self.size();
+        match offset.checked_add(len) {
+            Some(end) if end <= size => Ok(()),
+            _ => Err(Error::OutOfRange { offset, len, size }),
+        }
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.flags.read_only {
+            return Err(Error::NodeReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.check_range(offset, buf.len() as u64)?;
+        let _in = self.gate.enter().await;
+        self.driver.read(offset, buf).await
+    }
+
+    /// Writes `buf` at `offset`; with `detect-zeroes` an all-zero buffer becomes a
+    /// write-zeroes request (allowed to unmap with `detect-zeroes=unmap`).
+    pub async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        if self.flags.detect_zeroes != DetectZeroes::Off && buf.iter().all(|&b| b == 0) {
+            let zero = ZeroFlags {
+                may_unmap: self.flags.detect_zeroes == DetectZeroes::Unmap,
+                no_fallback: false,
+                fua: flags.fua,
+            };
+            return self.write_zeroes(offset, buf.len() as u64, zero).await;
+        }
+        let _in = self.gate.enter().await;
+        self.driver.write(offset, buf, flags).await
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes. `may_unmap` is dropped unless the
+    /// node has `discard=unmap`.
+    pub async fn write_zeroes(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        flags.may_unmap &= self.flags.discard == Discard::Unmap;
+        let _in = self.gate.enter().await;
+        self.driver.write_zeroes(offset, len, flags).await
+    }
+
+    /// Discards `len` bytes at `offset`; a no-op with `discard=ignore`.
+    pub async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        if self.flags.discard == Discard::Ignore {
+            return Ok(());
+        }
+        let _in = self.gate.enter().await;
+        self.driver.discard(offset, len).await
+    }
+
+    /// Flushes; a no-op with `cache.no-flush`.
+    pub async fn flush(&self) -> Result<()> {
+        if self.flags.no_flush {
+            return Ok(());
+        }
+        let _in = self.gate.enter().await;
+        self.driver.flush().await
+    }
+
+    /// Status of the run at `offset`, at most `len` bytes (clamped to the node's end).
+    pub async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
+        let size = self.size();
+        if offset >= size || len == 0 {
+            return Err(Error::OutOfRange { offset, len, size });
+        }
+        let len = len.min(size - offset);
+        let _in = self.gate.enter().await;
+        let mut extent = self.driver.block_status(offset, len).await?;
+        extent.len = extent.len.clamp(1, len);
+        Ok(extent)
+    }
+
+    /// Resizes without permission checks or draining: the graph (or a parent driver
+    /// that the graph already drained) calls this.
+    pub(crate) async fn truncate(&self, size: u64) -> Result<()> {
+        if self.flags.read_only {
+            return Err(Error::ImageReadOnly);
+        }
+        self.driver.truncate(size).await
+    }
+
+    /// The filename as QEMU shows it (`a.img`, `null-co://`, `json:{...}`).
+    pub fn filename(&self) -> String {
+        self.driver.filename().display()
+    }
+
+    /// What query-named-block-nodes shows for this node.
+    pub fn info(&self) -> NodeInfo {
+        let filename = self.filename();
+        let extra = self.driver.info();
+        NodeInfo {
+            node_name: self.name.clone(),
+            file: filename.clone(),
+            ro: self.flags.read_only,
+            drv: self.driver.name(),
+            backing_file: None,
+            backing_file_depth: 0,
+            active: self.flags.active,
+            encrypted: false,
+            detect_zeroes: self.flags.detect_zeroes,
+            cache: CacheInfo {
+                writeback: true,
+                direct: self.flags.direct,
+                no_flush: self.flags.no_flush,
+            },
+            write_threshold: self.write_threshold(),
+            image: ImageInfo {
+                filename,
+                format: self.driver.name(),
+                virtual_size: self.size(),
+                actual_size: extra.actual_size,
+                dirty_flag: extra.dirty_flag,
+                format_specific: extra.format_specific,
+                backing_filename: None,
+                backing_image: None,
+            },
+        }
+    }
+}
+
+pub(crate) fn cumulative(parents: &[ParentEdge]) -> (Perm, Perm) {
+    parents.iter().fold((Perm::NONE, Perm::ALL), |(p, s), e| {
+        (p | e.perm, s & e.shared)
+    })
+}

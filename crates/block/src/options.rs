@@ -1,0 +1,245 @@
+//! `blockdev-add` and `blockdev-create` options as QEMU's `qapi/block-core.json` defines
+//! them. The daemon deserializes already-validated QMP values into these types; a new
+//! driver adds one variant to [`DriverOptions`] (and [`CreateOptions`]) and nothing else.
+
+use serde::Deserialize;
+
+/// `BlockdevOptions`: the common base flattened with the driver's own members.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevOptions {
+    /// Members every driver accepts.
+    #[serde(flatten)]
+    pub common: CommonOptions,
+    /// The driver branch, tagged by `driver`.
+    #[serde(flatten)]
+    pub driver: DriverOptions,
+}
+
+/// The `BlockdevOptions` base members other than `driver`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct CommonOptions {
+    pub node_name: Option<String>,
+    pub discard: Option<Discard>,
+    pub cache: Option<CacheOptions>,
+    pub active: Option<bool>,
+    pub read_only: Option<bool>,
+    pub auto_read_only: Option<bool>,
+    pub force_share: Option<bool>,
+    pub detect_zeroes: Option<DetectZeroes>,
+}
+
+/// `BlockdevCacheOptions`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct CacheOptions {
+    pub direct: Option<bool>,
+    pub no_flush: Option<bool>,
+}
+
+/// `BlockdevDiscardOptions`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Discard {
+    /// Discard requests succeed without doing anything (QEMU's default).
+    #[default]
+    Ignore,
+    /// Discard requests are passed down (holes are punched).
+    Unmap,
+}
+
+/// `BlockdevDetectZeroesOptions`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum DetectZeroes {
+    #[default]
+    Off,
+    On,
+    Unmap,
+}
+
+impl DetectZeroes {
+    /// The QAPI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DetectZeroes::Off => "off",
+            DetectZeroes::On => "on",
+            DetectZeroes::Unmap => "unmap",
+        }
+    }
+}
+
+/// The driver branch of `BlockdevOptions`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(tag = "driver", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum DriverOptions {
+    File(FileOptions),
+    Raw(RawOptions),
+    NullCo(NullOptions),
+}
+
+impl DriverOptions {
+    /// The driver name as QMP spells it.
+    pub fn driver_name(&self) -> &'static str {
+        match self {
+            DriverOptions::File(_) => "file",
+            DriverOptions::Raw(_) => "raw",
+            DriverOptions::NullCo(_) => "null-co",
+        }
+    }
+}
+
+/// `BlockdevOnOffAuto` as used by `locking`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum OnOffAuto {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// `BlockdevAioOptions`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Aio {
+    #[default]
+    Threads,
+    Native,
+    IoUring,
+}
+
+/// `BlockdevOptionsFile`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct FileOptions {
+    pub filename: String,
+    pub pr_manager: Option<String>,
+    pub locking: Option<OnOffAuto>,
+    pub aio: Option<Aio>,
+    pub aio_max_batch: Option<i64>,
+    pub drop_cache: Option<bool>,
+    pub x_check_cache_dropped: Option<bool>,
+}
+
+/// `BlockdevOptionsRaw`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct RawOptions {
+    pub file: BlockdevRef,
+    pub offset: Option<u64>,
+    pub size: Option<u64>,
+}
+
+/// `BlockdevOptionsNull`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct NullOptions {
+    pub size: Option<u64>,
+    pub latency_ns: Option<u64>,
+    pub read_zeroes: Option<bool>,
+}
+
+/// `BlockdevRef`: a child given inline or by the node-name of an existing node.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum BlockdevRef {
+    Reference(String),
+    Definition(Box<BlockdevOptions>),
+}
+
+/// `BlockdevCreateOptions`, tagged by `driver`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(tag = "driver", rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum CreateOptions {
+    File(FileCreateOptions),
+}
+
+/// `BlockdevCreateOptionsFile`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct FileCreateOptions {
+    pub filename: String,
+    pub size: u64,
+    pub preallocation: Option<PreallocMode>,
+    pub nocow: Option<bool>,
+    pub extent_size_hint: Option<u64>,
+}
+
+/// `PreallocMode`.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PreallocMode {
+    #[default]
+    Off,
+    Metadata,
+    Falloc,
+    Full,
+}
+
+impl PreallocMode {
+    /// The QAPI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PreallocMode::Off => "off",
+            PreallocMode::Metadata => "metadata",
+            PreallocMode::Falloc => "falloc",
+            PreallocMode::Full => "full",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_over_inline_file_deserializes() {
+        let value = serde_json::json!({
+            "driver": "raw", "node-name": "r0", "offset": 512,
+            "file": {"driver": "file", "filename": "a.img", "cache": {"direct": true}}
+        });
+        let opts: BlockdevOptions = serde_json::from_value(value).unwrap();
+        assert_eq!(opts.common.node_name.as_deref(), Some("r0"));
+        let DriverOptions::Raw(raw) = opts.driver else {
+            panic!("not raw")
+        };
+        assert_eq!(raw.offset, Some(512));
+        let BlockdevRef::Definition(file) = raw.file else {
+            panic!("not inline")
+        };
+        assert_eq!(file.common.cache.and_then(|c| c.direct), Some(true));
+    }
+
+    #[test]
+    fn reference_by_name_deserializes() {
+        let value = serde_json::json!({"driver": "raw", "file": "f0"});
+        let opts: BlockdevOptions = serde_json::from_value(value).unwrap();
+        assert_eq!(
+            opts.driver,
+            DriverOptions::Raw(RawOptions {
+                file: BlockdevRef::Reference("f0".into()),
+                offset: None,
+                size: None
+            })
+        );
+    }
+
+    #[test]
+    fn null_co_and_file_aio_deserialize() {
+        let value = serde_json::json!({"driver": "null-co", "read-zeroes": true, "latency-ns": 5});
+        let opts: BlockdevOptions = serde_json::from_value(value).unwrap();
+        assert_eq!(opts.driver.driver_name(), "null-co");
+        let value = serde_json::json!({"driver": "file", "filename": "a", "aio": "io_uring",
+            "locking": "off", "detect-zeroes": "unmap", "discard": "unmap"});
+        let opts: BlockdevOptions = serde_json::from_value(value).unwrap();
+        assert_eq!(opts.common.detect_zeroes, Some(DetectZeroes::Unmap));
+        let DriverOptions::File(file) = opts.driver else {
+            panic!("not file")
+        };
+        assert_eq!(file.aio, Some(Aio::IoUring));
+    }
+}
