@@ -29,18 +29,28 @@
 //! # Driving it
 //!
 //! ```no_run
-//! # use jobs::{JobManager, NoticeReceiver};
+//! # use jobs::JobManager;
 //! # struct Graph;
-//! # async fn control(mut graph: Graph) {
+//! # enum Request { Cancel(String) }
+//! # async fn control(mut graph: Graph, mut requests: tokio::sync::mpsc::Receiver<Request>) {
 //! let (mut jobs, mut notices) = JobManager::<Graph>::new(Box::new(|event| {
+//!     // Forward to every monitor in command mode.
 //!     println!("{} {}", event.name(), event.data());
 //! }));
 //! loop {
 //!     tokio::select! {
 //!         Some(notice) = notices.recv() => jobs.handle_notice(notice, &mut graph),
-//!         // QMP requests: jobs.create(..), jobs.start(..), jobs.cancel(.., &mut graph), ...
+//!         Some(request) = requests.recv() => match request {
+//!             // create/start/pause/resume/complete/finalize/dismiss/set_speed likewise
+//!             Request::Cancel(id) => {
+//!                 let _reply = jobs.cancel(&id, true, &mut graph);
+//!             }
+//!         },
+//!         else => break,
 //!     }
 //! }
+//! // `quit`: force-cancel everything and wait, handling notices meanwhile.
+//! jobs.shutdown(&mut notices, &mut graph).await;
 //! # }
 //! ```
 

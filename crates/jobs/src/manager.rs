@@ -717,8 +717,8 @@ impl Drop for FinishGuard {
         self.0
             .shared
             .store_result(Err("Job worker panicked".to_owned()));
-        // QEMU keeps `busy` set once the body returned.
-        self.0.shared.busy.store(true, SeqCst);
+        // A finished job reports `busy: false` in query-block-jobs, as QSD does.
+        self.0.shared.busy.store(false, SeqCst);
         self.0.notify(NoticeKind::Finished);
     }
 }

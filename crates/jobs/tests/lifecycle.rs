@@ -1078,3 +1078,48 @@ async fn grouped_failure_on_multi_thread_runtime_cancels_the_other_member() {
     assert_eq!(events[1..3], ["g2:aborting", "g1:aborting"]);
     assert_eq!(events.last().map(String::as_str), Some("g1:null"));
 }
+
+#[tokio::test]
+async fn concluded_block_job_is_not_busy() {
+    let mut h = Harness::new();
+    let options = JobOptions {
+        auto_dismiss: false,
+        ..backup("j1")
+    };
+    h.create(options, copy(4));
+    h.jobs.start("j1").unwrap();
+    h.jobs.cancel("j1", true, &mut h.log).unwrap();
+    h.until_status("j1", JobStatus::Concluded).await;
+
+    let info = &h.jobs.query_block_jobs()[0];
+
+    assert!(!info.busy);
+    assert!(!info.paused);
+}
+
+#[tokio::test]
+async fn io_error_with_ignore_reports_and_keeps_running() {
+    let mut h = Harness::new();
+    let script = Script {
+        policy: OnError::Ignore,
+        ..copy(3)
+    };
+    let knobs = h.create(backup("j1"), script);
+    h.jobs.start("j1").unwrap();
+    h.events();
+    knobs.io_error.store(true, SeqCst);
+    knobs.finish.store(true, SeqCst);
+    h.until_gone("j1").await;
+
+    assert_eq!(
+        h.events(),
+        [
+            r#"BLOCK_JOB_ERROR {"device":"j1","operation":"write","action":"ignore"}"#.to_owned(),
+            "j1:waiting".to_owned(),
+            "j1:pending".to_owned(),
+            completed("j1", 3, 3),
+            "j1:concluded".to_owned(),
+            "j1:null".to_owned()
+        ]
+    );
+}
