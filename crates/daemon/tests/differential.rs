@@ -40,6 +40,7 @@ macro_rules! scenarios {
 scenarios!(
     blockdev,
     blockdev_create,
+    cmdline_blockdev,
     job_verbs,
     malformed_input,
     negotiation,
