@@ -6,6 +6,12 @@
 //! schema with QEMU's error messages. It does no I/O and knows nothing of block
 //! devices.
 
+pub mod error;
+pub mod introspect;
 pub mod json;
 pub mod keyval;
 pub mod output;
+pub mod schema;
+pub mod visit;
+
+pub use error::{ErrorClass, QmpError};
