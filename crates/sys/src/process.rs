@@ -74,6 +74,16 @@ pub fn exit_now(code: i32) -> ! {
     unsafe { libc::_exit(code) }
 }
 
+/// Ignores the terminal job-control signals (SIGTSTP, SIGTTIN, SIGTTOU), as a daemon
+/// that has left its terminal should.
+pub fn ignore_job_control_signals() {
+    for sig in [libc::SIGTSTP, libc::SIGTTIN, libc::SIGTTOU] {
+        // SAFETY: SIG_IGN installs no handler code; changing the disposition of these
+        // signals affects no memory of ours. signal fails only for invalid numbers.
+        unsafe { libc::signal(sig, libc::SIG_IGN) };
+    }
+}
+
 /// Makes `target` (0, 1 or 2 for the standard streams) a copy of `src`.
 pub fn dup2(src: BorrowedFd<'_>, target: libc::c_int) -> io::Result<()> {
     // SAFETY: both are plain descriptor numbers; `src` is open for the duration of the
