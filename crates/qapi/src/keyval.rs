@@ -814,6 +814,29 @@ mod tests {
     }
 
     #[test]
+    fn garbage_never_panics() {
+        let alphabet: Vec<char> = "a.0,=_-?help1xXkK \u{e9}+e".chars().collect();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..3000 {
+            let mut input = String::new();
+            for _ in 0..(seed % 24) {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                input.push(alphabet[(seed % alphabet.len() as u64) as usize]);
+            }
+            let _ = parse_with_help(&input, Some("driver"));
+            let _ = parse(&input, None);
+            let _ = (
+                parse_int(&input),
+                parse_uint(&input),
+                parse_size(&input),
+                parse_bool(&input),
+            );
+        }
+    }
+
+    #[test]
     fn bools_take_qemu_spellings_case_sensitively() {
         for s in ["on", "yes", "true", "y"] {
             assert_eq!(parse_bool(s), Some(true));
