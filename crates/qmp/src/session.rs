@@ -1,0 +1,284 @@
+//! One monitor connection: greeting, negotiation, requests, replies, events.
+
+use crate::event::{Event, EventBus};
+use async_trait::async_trait;
+use qapi::json::Parser;
+use qapi::output::to_wire;
+use qapi::{schema, visit, ErrorClass, QmpError};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::broadcast::error::RecvError;
+
+/// Runs validated commands. The daemon's control task implements it.
+#[async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Executes `command` with arguments already checked against the schema.
+    async fn execute(&self, command: &str, args: Value) -> Result<Value, QmpError>;
+
+    /// Called once the reply to `command` has been written to the client.
+    fn replied(&self, _command: &str) {}
+}
+
+/// How a monitor was configured on the command line.
+#[derive(Debug, Clone, Default)]
+pub struct SessionOptions {
+    /// `pretty=on`: indented output.
+    pub pretty: bool,
+    /// The `package` string of the greeting and `query-version`.
+    pub package: String,
+}
+
+/// Serves one client until it disconnects.
+pub async fn serve<S>(stream: S, opts: SessionOptions, handler: Arc<dyn Handler>, events: EventBus)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut reader, writer) = tokio::io::split(stream);
+    let mut session = Session {
+        writer,
+        opts,
+        command_mode: false,
+        oob: false,
+    };
+    // Subscribe before the greeting so no event emitted after it is missed.
+    let mut rx = events.subscribe();
+    if session
+        .send(&greeting(&session.opts.package))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let mut parser = Parser::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        tokio::select! {
+            biased;
+            ev = rx.recv() => match ev {
+                Ok(ev) => {
+                    if session.command_mode && session.send(&ev.to_json()).await.is_err() {
+                        return;
+                    }
+                }
+                Err(RecvError::Lagged(_)) => {}
+                Err(RecvError::Closed) => return,
+            },
+            n = reader.read(&mut buf) => {
+                let items = match n {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => parser.feed(&buf[..n]),
+                };
+                for item in items {
+                    let sent = match item {
+                        Ok(request) => session.request(request, handler.as_ref(), &mut rx).await,
+                        Err(err) => {
+                            let reply = error_reply(&QmpError::generic(err.to_string()), None);
+                            session.send(&reply).await.map_err(|_| ())
+                        }
+                    };
+                    if sent.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn greeting(package: &str) -> Value {
+    let (major, minor, micro) = crate::QEMU_VERSION;
+    json!({"QMP": {
+        "version": {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": package},
+        "capabilities": ["oob"],
+    }})
+}
+
+fn error_reply(err: &QmpError, id: Option<Value>) -> Value {
+    let mut m = Map::new();
+    m.insert("error".into(), err.to_json());
+    if let Some(id) = id {
+        m.insert("id".into(), id);
+    }
+    Value::Object(m)
+}
+
+fn return_reply(value: Value, id: Option<Value>) -> Value {
+    let mut m = Map::new();
+    m.insert("return".into(), value);
+    if let Some(id) = id {
+        m.insert("id".into(), id);
+    }
+    Value::Object(m)
+}
+
+struct Session<W> {
+    writer: W,
+    opts: SessionOptions,
+    command_mode: bool,
+    oob: bool,
+}
+
+/// A request whose shape has been checked.
+struct Request {
+    command: String,
+    oob: bool,
+    args: Option<Value>,
+}
+
+impl<W: AsyncWrite + Unpin + Send> Session<W> {
+    async fn send(&mut self, msg: &Value) -> std::io::Result<()> {
+        self.writer
+            .write_all(to_wire(msg, self.opts.pretty).as_bytes())
+            .await?;
+        self.writer.flush().await
+    }
+
+    /// Handles one parsed request and writes its reply.
+    async fn request(
+        &mut self,
+        request: Value,
+        handler: &dyn Handler,
+        rx: &mut tokio::sync::broadcast::Receiver<Arc<Event>>,
+    ) -> Result<(), ()> {
+        let Value::Object(obj) = request else {
+            let reply = error_reply(&QmpError::generic("QMP input must be a JSON object"), None);
+            return self.send(&reply).await.map_err(|_| ());
+        };
+        let id = obj.get("id").cloned();
+        let (result, command) = match self.check(&obj) {
+            Ok(req) => {
+                let command = req.command.clone();
+                (self.dispatch(req, handler, rx).await, Some(command))
+            }
+            Err(err) => (Err(err), None),
+        };
+        let reply = match result {
+            Ok(value) => return_reply(value, id),
+            Err(err) => error_reply(&err, id),
+        };
+        if self.send(&reply).await.is_err() {
+            return Err(());
+        }
+        if let Some(command) = command {
+            handler.replied(&command);
+        }
+        Ok(())
+    }
+
+    /// QEMU's checks of the request object, member by member.
+    fn check(&self, obj: &Map<String, Value>) -> Result<Request, QmpError> {
+        let mut command: Option<(String, bool)> = None;
+        let mut args = None;
+        for (key, value) in obj {
+            match key.as_str() {
+                "execute" | "exec-oob" if key == "execute" || self.oob => {
+                    let Value::String(name) = value else {
+                        return Err(QmpError::generic(format!(
+                            "QMP input member '{key}' must be a string"
+                        )));
+                    };
+                    if let Some((_, was_oob)) = &command {
+                        let other = if *was_oob { "exec-oob" } else { "execute" };
+                        return Err(QmpError::generic(format!(
+                            "QMP input member '{key}' clashes with '{other}'"
+                        )));
+                    }
+                    command = Some((name.clone(), key == "exec-oob"));
+                }
+                "arguments" => {
+                    if !value.is_object() {
+                        return Err(QmpError::generic(
+                            "QMP input member 'arguments' must be an object",
+                        ));
+                    }
+                    args = Some(value.clone());
+                }
+                "id" => {}
+                other => {
+                    return Err(QmpError::generic(format!(
+                        "QMP input member '{other}' is unexpected"
+                    )))
+                }
+            }
+        }
+        let (command, oob) =
+            command.ok_or_else(|| QmpError::generic("QMP input lacks member 'execute'"))?;
+        Ok(Request { command, oob, args })
+    }
+
+    async fn dispatch(
+        &mut self,
+        req: Request,
+        handler: &dyn Handler,
+        rx: &mut tokio::sync::broadcast::Receiver<Arc<Event>>,
+    ) -> Result<Value, QmpError> {
+        let schema = schema::schema();
+        let known = schema.commands.get(&req.command);
+        if !self.command_mode && req.command != "qmp_capabilities" {
+            return Err(QmpError::new(
+                ErrorClass::CommandNotFound,
+                "Expecting capabilities negotiation with 'qmp_capabilities'",
+            ));
+        }
+        let Some(cmd) = known else {
+            return Err(QmpError::new(
+                ErrorClass::CommandNotFound,
+                format!("The command {} has not been found", req.command),
+            ));
+        };
+        if req.oob {
+            return Err(QmpError::generic(format!(
+                "The command {} does not support OOB",
+                req.command
+            )));
+        }
+        if cmd.name == "qmp_capabilities" {
+            return self.qmp_capabilities(visit::command_args(cmd, req.args.as_ref())?);
+        }
+        let args = visit::command_args(cmd, req.args.as_ref())?;
+        // Forward events while the command runs, so that events it causes come
+        // out before its reply, as QEMU sends them.
+        let fut = handler.execute(&cmd.name, args);
+        tokio::pin!(fut);
+        loop {
+            tokio::select! {
+                biased;
+                ev = rx.recv() => {
+                    if let Ok(ev) = ev {
+                        if self.send(&ev.to_json()).await.is_err() {
+                            return (&mut fut).await;
+                        }
+                    }
+                }
+                result = &mut fut => {
+                    // Events queued by the command itself go out first.
+                    while let Ok(ev) = rx.try_recv() {
+                        if self.send(&ev.to_json()).await.is_err() {
+                            break;
+                        }
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+
+    fn qmp_capabilities(&mut self, args: Value) -> Result<Value, QmpError> {
+        if self.command_mode {
+            return Err(QmpError::new(
+                ErrorClass::CommandNotFound,
+                "Capabilities negotiation is already complete, command ignored",
+            ));
+        }
+        let enable: Vec<&str> = args
+            .get("enable")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        // "oob" is the only capability and blockd always offers it.
+        self.oob = enable.contains(&"oob");
+        self.command_mode = true;
+        Ok(json!({}))
+    }
+}
