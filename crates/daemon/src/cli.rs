@@ -283,10 +283,10 @@ fn tokenize(args: &[OsString]) -> Vec<Tok> {
     toks
 }
 
-/// Parses the whole command line (`args` includes the program name, as
-/// `std::env::args_os()` gives it). Pass-1 failures are errors; see the module docs.
+/// Parses the command line: `args` are the arguments after the program name
+/// (`std::env::args_os().skip(1)`). Pass-1 failures are errors; see the module docs.
 pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<CliAction, CliError> {
-    let args: Vec<OsString> = args.into_iter().skip(1).collect();
+    let args: Vec<OsString> = args.into_iter().collect();
     let toks = tokenize(&args);
     let mut cli = Cli::default();
     for tok in &toks {
@@ -545,8 +545,9 @@ pub fn default_monitor_path() -> PathBuf {
 
 /// The command line blockd assumes when given no arguments at all: a QMP monitor on a
 /// unix socket at [`default_monitor_path`], whose folder is created here with mode 0700.
-/// A folder that exists already must belong to us and not be open to others.
-pub fn default_cli() -> io::Result<Cli> {
+/// A folder that exists already must belong to us and not be open to others. Returns
+/// the command line and the socket path (for `blockd: QMP monitor listening on PATH`).
+pub fn default_cli() -> io::Result<(Cli, PathBuf)> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     let path = default_monitor_path();
     let dir = path.parent().unwrap_or(std::path::Path::new("/"));
@@ -598,11 +599,12 @@ pub fn default_cli() -> io::Result<Cli> {
             kind: ItemKind::Monitor(monitor),
         },
     ];
-    Ok(Cli {
+    let cli = Cli {
         items,
         pidfile: None,
         daemonize: false,
-    })
+    };
+    Ok((cli, path))
 }
 
 #[cfg(test)]
@@ -611,9 +613,7 @@ mod tests {
     use serde_json::json;
 
     fn run(args: &[&str]) -> Cli {
-        let argv = std::iter::once("blockd")
-            .chain(args.iter().copied())
-            .map(OsString::from);
+        let argv = args.iter().copied().map(OsString::from);
         match parse(argv).unwrap() {
             CliAction::Run(cli) => cli,
             other => panic!("not run: {other:?}"),
@@ -621,9 +621,7 @@ mod tests {
     }
 
     fn fail(args: &[&str]) -> String {
-        let argv = std::iter::once("blockd")
-            .chain(args.iter().copied())
-            .map(OsString::from);
+        let argv = args.iter().copied().map(OsString::from);
         parse(argv).unwrap_err().to_string()
     }
 
@@ -713,13 +711,13 @@ mod tests {
 
     #[test]
     fn help_wins_over_bad_values_and_later_bad_options() {
-        let argv = ["blockd", "--blockdev", "x..y=1", "--help", "--bogus"].map(OsString::from);
+        let argv = ["--blockdev", "x..y=1", "--help", "--bogus"].map(OsString::from);
         assert!(matches!(parse(argv).unwrap(), CliAction::Help(_)));
     }
 
     #[test]
     fn version_in_short_cluster() {
-        let argv = ["blockd", "-Vx"].map(OsString::from);
+        let argv = ["-Vx"].map(OsString::from);
         let CliAction::Version(text) = parse(argv).unwrap() else {
             panic!()
         };
@@ -954,12 +952,20 @@ mod tests {
     }
 
     #[test]
-    fn default_monitor_path_is_under_runtime_dir_or_tmp() {
-        let path = default_monitor_path();
-        assert!(path.ends_with("qmp.sock"));
-        match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-            Some(dir) => assert!(path.starts_with(PathBuf::from(dir).join("blockd"))),
-            None => assert!(path.starts_with(format!("/tmp/blockd-{}", sys::process::getuid()))),
-        }
+    fn default_cli_serves_qmp_on_a_private_unix_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        std::env::set_var("XDG_RUNTIME_DIR", dir.path());
+
+        let (cli, path) = default_cli().unwrap();
+
+        assert_eq!(path, dir.path().join("blockd/qmp.sock"));
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join("blockd"))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o700);
+        assert!(matches!(&cli.items[0].kind, ItemKind::Chardev(spec) if spec.id == "blockd-qmp"));
+        assert!(matches!(&cli.items[1].kind, ItemKind::Monitor(m) if m.chardev == "blockd-qmp"));
     }
 }
