@@ -407,8 +407,9 @@ impl BlockGraph {
     /// Closes every node, parents before children.
     pub async fn close_all(&mut self) {
         while let Some((_, node)) = self.nodes.pop() {
-            node.gate().drain().await;
+            // Flush goes through the gate, so it must come before the drain.
             let _ = node.flush().await;
+            node.gate().drain().await;
             for child in node.children() {
                 remove_edge(&child.node, ParentKey::Node(node.name().to_string()));
             }
