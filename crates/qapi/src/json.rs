@@ -1118,12 +1118,18 @@ mod tests {
     }
 
     #[test]
-    fn token_size_limit_on_one_huge_string() {
-        let mut input = b"[\"".to_vec();
-        input.resize(2 + MAX_TOKEN_BYTES, b'1');
-        let mut parser = Parser::new();
-        let out = parser.feed(&input);
-        assert_eq!(out, vec![Err(JsonError::TokenSizeLimit)]);
+    fn token_size_limit_cuts_a_huge_string_and_lexes_the_rest_afresh() {
+        let mut input = br#"{"execute":"x","id":""#.to_vec();
+        input.resize(input.len() + MAX_TOKEN_BYTES + 3, b'a');
+        input.extend(br#""}"#);
+        let out = Parser::new().feed(&input);
+        assert_eq!(
+            out,
+            vec![
+                Err(JsonError::TokenSizeLimit),
+                Err(JsonError::InvalidKeyword("aaa".into()))
+            ]
+        );
         assert_eq!(
             JsonError::TokenSizeLimit.to_string(),
             "JSON token size limit exceeded"
