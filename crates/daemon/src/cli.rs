@@ -47,6 +47,7 @@ pub struct CliItem {
     /// The option as QSD names it, e.g. `"--blockdev"`; `""` for a stray argument.
     pub option: &'static str,
     /// The value as given.
+    #[allow(dead_code)] // kept for messages that quote the value alone
     pub raw: String,
     /// How QSD names the option in messages: `--blockdev VALUE`, `--blockdev=VALUE`, `-TVALUE`.
     pub location: String,
@@ -69,7 +70,9 @@ pub enum ItemKind {
     ObjectHelp {
         qom_type: Option<String>,
     },
+    #[allow(dead_code)] // the value is read once NBD exports exist
     NbdServer(OptValue),
+    #[allow(dead_code)] // the value is read once NBD exports exist
     Export(OptValue),
     /// `-T/--trace`: accepted and ignored (blockd has no trace events).
     Trace,

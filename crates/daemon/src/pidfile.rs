@@ -90,6 +90,7 @@ impl PidFile {
     }
 
     /// The absolute path of the file.
+    #[allow(dead_code)] // part of the type's interface; tests use it
     pub fn path(&self) -> &Path {
         &self.path
     }

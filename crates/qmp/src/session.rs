@@ -178,11 +178,12 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
                             "QMP input member '{key}' must be a string"
                         )));
                     };
-                    if let Some((_, was_oob)) = &command {
-                        let other = if *was_oob { "exec-oob" } else { "execute" };
-                        return Err(QmpError::generic(format!(
-                            "QMP input member '{key}' clashes with '{other}'"
-                        )));
+                    if command.is_some() {
+                        // QEMU walks the members in its hash order, which always
+                        // meets 'exec-oob' first.
+                        return Err(QmpError::generic(
+                            "QMP input member 'execute' clashes with 'exec-oob'",
+                        ));
                     }
                     command = Some((name.clone(), key == "exec-oob"));
                 }

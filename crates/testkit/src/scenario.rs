@@ -639,7 +639,7 @@ pub fn mask_pointer(value: &mut Value, pointer: &str) {
 pub fn sort_pointer(value: &mut Value, pointer: &str) {
     for_pointer(value, &pointer_tokens(pointer), &mut |v| {
         if let Value::Array(items) = v {
-            items.sort_by_cached_key(Value::to_string);
+            items.sort_by_cached_key(canonical_text);
         }
     });
 }
@@ -773,6 +773,27 @@ pub fn scenario_names(dir: &Path) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+/// The text of `value` with every object's keys sorted, so that sorting does not
+/// depend on the order in which a daemon happens to print members.
+fn canonical_text(value: &Value) -> String {
+    fn canonical(value: &Value) -> Value {
+        match value {
+            Value::Object(map) => {
+                let mut keys: Vec<&String> = map.keys().collect();
+                keys.sort();
+                Value::Object(
+                    keys.into_iter()
+                        .map(|k| (k.clone(), canonical(&map[k])))
+                        .collect(),
+                )
+            }
+            Value::Array(items) => Value::Array(items.iter().map(canonical).collect()),
+            other => other.clone(),
+        }
+    }
+    canonical(value).to_string()
 }
 
 #[cfg(test)]
