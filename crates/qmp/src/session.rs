@@ -283,3 +283,195 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         Ok(json!({}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
+
+    /// Answers every command with its own name, and `emit` with an event.
+    struct Echo(EventBus);
+
+    #[async_trait]
+    impl Handler for Echo {
+        async fn execute(&self, command: &str, args: Value) -> Result<Value, QmpError> {
+            if command == "query-jobs" {
+                self.0.emit(Event::new(
+                    "JOB_STATUS_CHANGE",
+                    Some(json!({"id": "j", "status": "created"})),
+                ));
+            }
+            Ok(json!({"command": command, "args": args}))
+        }
+    }
+
+    struct Client {
+        lines: tokio::io::Lines<BufReader<tokio::io::ReadHalf<DuplexStream>>>,
+        writer: tokio::io::WriteHalf<DuplexStream>,
+    }
+
+    impl Client {
+        async fn start(bus: EventBus) -> Client {
+            let (ours, theirs) = tokio::io::duplex(1 << 16);
+            let handler: Arc<dyn Handler> = Arc::new(Echo(bus.clone()));
+            tokio::spawn(serve(theirs, SessionOptions::default(), handler, bus));
+            let (r, w) = tokio::io::split(ours);
+            let mut client = Client {
+                lines: BufReader::new(r).lines(),
+                writer: w,
+            };
+            let greeting = client.read().await;
+            assert_eq!(greeting["QMP"]["capabilities"], json!(["oob"]));
+            client
+        }
+
+        async fn read(&mut self) -> Value {
+            let line =
+                tokio::time::timeout(std::time::Duration::from_secs(5), self.lines.next_line())
+                    .await
+                    .expect("a message within 5 s")
+                    .expect("read")
+                    .expect("connection open");
+            serde_json::from_str(&line).expect("JSON")
+        }
+
+        async fn send(&mut self, text: &str) -> Value {
+            self.writer.write_all(text.as_bytes()).await.expect("write");
+            self.read().await
+        }
+    }
+
+    #[tokio::test]
+    async fn commands_before_negotiation_are_refused() {
+        let mut c = Client::start(EventBus::new()).await;
+        let reply = c.send(r#"{"execute": "query-jobs", "id": 7}"#).await;
+        assert_eq!(reply["error"]["class"], "CommandNotFound");
+        assert_eq!(
+            reply["error"]["desc"],
+            "Expecting capabilities negotiation with 'qmp_capabilities'"
+        );
+        assert_eq!(reply["id"], 7);
+    }
+
+    #[tokio::test]
+    async fn negotiation_twice_is_refused() {
+        let mut c = Client::start(EventBus::new()).await;
+        assert_eq!(
+            c.send(r#"{"execute": "qmp_capabilities"}"#).await,
+            json!({"return": {}})
+        );
+        let reply = c.send(r#"{"execute": "qmp_capabilities"}"#).await;
+        assert_eq!(
+            reply["error"]["desc"],
+            "Capabilities negotiation is already complete, command ignored"
+        );
+    }
+
+    #[tokio::test]
+    async fn validated_arguments_reach_the_handler() {
+        let mut c = Client::start(EventBus::new()).await;
+        c.send(r#"{"execute": "qmp_capabilities"}"#).await;
+        let reply = c
+            .send(r#"{"execute": "job-pause", "arguments": {"id": "j"}, "id": [1]}"#)
+            .await;
+        assert_eq!(
+            reply["return"],
+            json!({"command": "job-pause", "args": {"id": "j"}})
+        );
+        assert_eq!(reply["id"], json!([1]));
+    }
+
+    #[tokio::test]
+    async fn invalid_arguments_never_reach_the_handler() {
+        let mut c = Client::start(EventBus::new()).await;
+        c.send(r#"{"execute": "qmp_capabilities"}"#).await;
+        let reply = c
+            .send(r#"{"execute": "job-pause", "arguments": {"id": 1}}"#)
+            .await;
+        assert_eq!(
+            reply["error"]["desc"],
+            "Invalid parameter type for 'id', expected: string"
+        );
+    }
+
+    #[tokio::test]
+    async fn request_shape_errors_use_qemus_texts() {
+        let mut c = Client::start(EventBus::new()).await;
+        let reply = c.send("[1]").await;
+        assert_eq!(reply["error"]["desc"], "QMP input must be a JSON object");
+        let reply = c.send(r#"{"execute": 1}"#).await;
+        assert_eq!(
+            reply["error"]["desc"],
+            "QMP input member 'execute' must be a string"
+        );
+        let reply = c.send(r#"{"arguments": {}}"#).await;
+        assert_eq!(reply["error"]["desc"], "QMP input lacks member 'execute'");
+        let reply = c.send(r#"{"execute": "quit", "foo": 1}"#).await;
+        assert_eq!(
+            reply["error"]["desc"],
+            "QMP input member 'foo' is unexpected"
+        );
+        let reply = c.send(r#"{"exec-oob": "quit"}"#).await;
+        assert_eq!(
+            reply["error"]["desc"],
+            "QMP input member 'exec-oob' is unexpected"
+        );
+    }
+
+    #[tokio::test]
+    async fn exec_oob_is_refused_for_every_command_once_enabled() {
+        let mut c = Client::start(EventBus::new()).await;
+        c.send(r#"{"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}"#)
+            .await;
+        let reply = c.send(r#"{"exec-oob": "query-jobs", "id": "x"}"#).await;
+        assert_eq!(
+            reply["error"]["desc"],
+            "The command query-jobs does not support OOB"
+        );
+    }
+
+    #[tokio::test]
+    async fn unknown_commands_are_not_found() {
+        let mut c = Client::start(EventBus::new()).await;
+        c.send(r#"{"execute": "qmp_capabilities"}"#).await;
+        let reply = c.send(r#"{"execute": "block-commit"}"#).await;
+        assert_eq!(reply["error"]["class"], "CommandNotFound");
+        assert_eq!(
+            reply["error"]["desc"],
+            "The command block-commit has not been found"
+        );
+    }
+
+    #[tokio::test]
+    async fn events_a_command_causes_come_before_its_reply() {
+        let bus = EventBus::new();
+        let mut c = Client::start(bus).await;
+        c.send(r#"{"execute": "qmp_capabilities"}"#).await;
+        let first = c.send(r#"{"execute": "query-jobs"}"#).await;
+        assert_eq!(first["event"], "JOB_STATUS_CHANGE");
+        assert!(first["timestamp"]["seconds"].is_i64());
+        let reply = c.read().await;
+        assert_eq!(reply["return"]["command"], "query-jobs");
+    }
+
+    #[tokio::test]
+    async fn sessions_still_negotiating_get_no_events() {
+        let bus = EventBus::new();
+        let mut quiet = Client::start(bus.clone()).await;
+        bus.emit(Event::new("JOB_STATUS_CHANGE", None));
+        let reply = quiet.send(r#"{"execute": "qmp_capabilities"}"#).await;
+        assert_eq!(reply, json!({"return": {}}));
+    }
+
+    #[tokio::test]
+    async fn malformed_json_is_answered_and_the_session_survives() {
+        let mut c = Client::start(EventBus::new()).await;
+        let reply = c.send("{\"execute\": }").await;
+        assert_eq!(reply["error"]["desc"], "JSON parse error, expecting value");
+        assert!(reply.get("id").is_none());
+        assert_eq!(
+            c.send(r#"{"execute": "qmp_capabilities"}"#).await,
+            json!({"return": {}})
+        );
+    }
+}
