@@ -4,6 +4,7 @@
 //! transcripts.
 
 pub mod daemon;
+pub mod proc;
 pub mod qmp;
 pub mod scenario;
 
