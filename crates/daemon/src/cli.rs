@@ -39,6 +39,9 @@ pub struct Cli {
     /// `--pidfile` (the last one given).
     pub pidfile: Option<PathBuf>,
     pub daemonize: bool,
+    /// A line to print on stdout once every option has been carried out (the
+    /// default monitor's address, printed only when its socket listens).
+    pub announce: Option<String>,
 }
 
 /// One pass-2 option.
@@ -95,6 +98,9 @@ pub struct MonitorSpec {
     pub id: Option<String>,
     pub chardev: String,
     pub pretty: bool,
+    /// `mode=readline`: refused ("Only QMP is supported"), but only once the chardev
+    /// is known to exist, as QSD's `monitor_init` checks in that order.
+    pub readline: bool,
 }
 
 /// A command-line error: QSD's whole line after its `program-name: ` prefix.
@@ -451,13 +457,11 @@ fn monitor(value: &str) -> Result<MonitorSpec, String> {
     {
         return Err(format!("Parameter '{extra}' is unexpected"));
     }
-    if mode.as_deref() == Some("readline") {
-        return Err("Only QMP is supported".into());
-    }
     Ok(MonitorSpec {
         id,
         chardev,
         pretty,
+        readline: mode.as_deref() == Some("readline"),
     })
 }
 
@@ -587,6 +591,7 @@ pub fn default_cli() -> io::Result<(Cli, PathBuf)> {
         id: None,
         chardev: "blockd-qmp".into(),
         pretty: false,
+        readline: false,
     };
     let items = vec![
         CliItem {
@@ -606,6 +611,10 @@ pub fn default_cli() -> io::Result<(Cli, PathBuf)> {
         items,
         pidfile: None,
         daemonize: false,
+        announce: Some(format!(
+            "blockd: QMP monitor listening on {}",
+            path.display()
+        )),
     };
     Ok((cli, path))
 }
@@ -844,7 +853,8 @@ mod tests {
             MonitorSpec {
                 id: None,
                 chardev: "m".into(),
-                pretty: false
+                pretty: false,
+                readline: false
             }
         );
         assert_eq!(
@@ -852,7 +862,8 @@ mod tests {
             MonitorSpec {
                 id: Some("x".into()),
                 chardev: "m".into(),
-                pretty: true
+                pretty: true,
+                readline: false
             }
         );
         assert_eq!(specs[2].chardev, "n");
@@ -872,17 +883,17 @@ mod tests {
             &MonitorSpec {
                 id: Some("x".into()),
                 chardev: "m".into(),
-                pretty: true
+                pretty: true,
+                readline: false
             }
         );
     }
 
     #[test]
     fn monitor_errors_match_qsd() {
-        assert_eq!(
-            monitor_error("m,mode=readline"),
-            "--monitor m,mode=readline: Only QMP is supported"
-        );
+        // Refused at start-up, after the chardev lookup (see startup.rs).
+        let cli = run(&["--monitor", "m,mode=readline"]);
+        assert!(matches!(&cli.items[0].kind, ItemKind::Monitor(m) if m.readline));
         assert_eq!(
             monitor_error("m,mode=bogus"),
             "--monitor m,mode=bogus: Parameter 'mode' does not accept value 'bogus'"

@@ -37,10 +37,7 @@ fn main() -> ExitCode {
     };
     let cli = if defaulted {
         match cli::default_cli() {
-            Ok((cli, path)) => {
-                println!("blockd: QMP monitor listening on {}", path.display());
-                cli
-            }
+            Ok((cli, _path)) => cli,
             Err(err) => {
                 eprintln!("blockd: cannot prepare the default monitor: {err}");
                 return ExitCode::from(1);

@@ -70,6 +70,12 @@ pub async fn run(cli: Cli, readiness: Option<Readiness>) -> ExitCode {
                 eprintln!("blockd: {err}");
                 return abort(readiness, &mut state).await;
             }
+            // QSD looks the chardev up before it checks the mode.
+            ItemKind::Monitor(spec)
+                if spec.readline && specs.iter().any(|s| s.id == spec.chardev) =>
+            {
+                Err("Only QMP is supported".to_string())
+            }
             ItemKind::Monitor(spec) => match chardevs.remove(&spec.chardev) {
                 Some(dev) => {
                     monitors.spawn(monitor(dev, spec.clone(), handler.clone(), events.clone()));
@@ -91,6 +97,9 @@ pub async fn run(cli: Cli, readiness: Option<Readiness>) -> ExitCode {
             eprintln!("blockd: {}", item.error(msg));
             return abort(readiness, &mut state).await;
         }
+    }
+    if let Some(line) = &cli.announce {
+        println!("{line}");
     }
 
     let _pidfile = match &cli.pidfile {
