@@ -1,172 +1,129 @@
-//! query-jobs and the job-* verbs.
+//! query-jobs, query-block-jobs, the job-* verbs and the legacy block-job-* verbs.
 
 use super::{args, empty, job_error, Reply};
 use crate::control::State;
+use block::BlockGraph;
+use jobs::{JobError, JobManager, JobVerb};
 use qapi::QmpError;
 use serde::Deserialize;
 use serde_json::Value;
 
-#[derive(Deserialize)]
-struct JobId {
-    id: String,
-}
-
-fn job_id(value: Value) -> Result<String, QmpError> {
-    args::<JobId>(value).map(|a| a.id)
-}
-
-pub fn query_jobs(state: &mut State, _: Value) -> Reply<'_> {
-    Box::pin(async move {
-        serde_json::to_value(state.jobs.query_jobs()).map_err(|e| QmpError::generic(e.to_string()))
-    })
-}
-
-pub fn job_pause(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        state.jobs.pause(&job_id(a)?).map_err(job_error)?;
-        Ok(empty())
-    })
-}
-
-pub fn job_resume(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        state.jobs.resume(&job_id(a)?).map_err(job_error)?;
-        Ok(empty())
-    })
-}
-
-pub fn job_cancel(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let State { jobs, graph, .. } = state;
-        jobs.cancel(&job_id(a)?, true, graph).map_err(job_error)?;
-        Ok(empty())
-    })
-}
-
-pub fn job_complete(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let State { jobs, graph, .. } = state;
-        jobs.complete(&job_id(a)?, graph).map_err(job_error)?;
-        Ok(empty())
-    })
-}
-
-pub fn job_finalize(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let State { jobs, graph, .. } = state;
-        jobs.finalize(&job_id(a)?, graph).map_err(job_error)?;
-        Ok(empty())
-    })
-}
-
-pub fn job_dismiss(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        state.jobs.dismiss(&job_id(a)?).map_err(job_error)?;
-        Ok(empty())
-    })
-}
-
-/// The legacy block-job layer names jobs `device` and answers only for block jobs.
-#[derive(Deserialize)]
-struct Device {
-    device: String,
-}
-
-fn block_job(state: &State, value: Value, key: &str) -> Result<String, QmpError> {
-    let id = match key {
-        "device" => args::<Device>(value)?.device,
-        _ => job_id(value)?,
-    };
-    state.jobs.check_block_job(&id).map_err(job_error)?;
-    Ok(id)
-}
-
-pub fn query_block_jobs(state: &mut State, _: Value) -> Reply<'_> {
-    Box::pin(async move {
-        serde_json::to_value(state.jobs.query_block_jobs())
-            .map_err(|e| QmpError::generic(e.to_string()))
-    })
+/// How a verb names its job, and which jobs it may address.
+#[derive(Clone, Copy)]
+enum Lookup {
+    /// `job-*`: `id`, any job.
+    Job,
+    /// `block-job-*` taking `device`: block jobs only (`DeviceNotActive` otherwise).
+    BlockDevice,
+    /// `block-job-finalize`/`-dismiss`/`-change` taking `id`: block jobs only.
+    BlockId,
 }
 
 #[derive(Deserialize)]
-struct SetSpeed {
-    speed: i64,
-}
-
-pub fn block_job_set_speed(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let speed = args::<SetSpeed>(a.clone())?.speed;
-        let id = block_job(state, a, "device")?;
-        state.jobs.set_speed(&id, speed).map_err(job_error)?;
-        Ok(empty())
-    })
-}
-
-#[derive(Deserialize)]
-struct Cancel {
+struct VerbArgs {
+    id: Option<String>,
+    device: Option<String>,
+    speed: Option<i64>,
     force: Option<bool>,
 }
 
-pub fn block_job_cancel(state: &mut State, a: Value) -> Reply<'_> {
+type Verb =
+    fn(&mut JobManager<BlockGraph>, &str, &VerbArgs, &mut BlockGraph) -> Result<(), JobError>;
+
+/// Looks the job up as `lookup` says and applies `verb` to it.
+fn verb(state: &mut State, a: Value, lookup: Lookup, verb: Verb) -> Reply<'_> {
     Box::pin(async move {
-        let force = args::<Cancel>(a.clone())?.force.unwrap_or(false);
-        let id = block_job(state, a, "device")?;
+        let a: VerbArgs = args(a)?;
+        let id = match lookup {
+            Lookup::BlockDevice => a.device.clone(),
+            Lookup::Job | Lookup::BlockId => a.id.clone(),
+        }
+        .unwrap_or_default();
+        if !matches!(lookup, Lookup::Job) {
+            state.jobs.check_block_job(&id).map_err(job_error)?;
+        }
         let State { jobs, graph, .. } = state;
-        jobs.cancel(&id, force, graph).map_err(job_error)?;
+        verb(jobs, &id, &a, graph).map_err(job_error)?;
         Ok(empty())
     })
 }
 
-pub fn block_job_pause(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let id = block_job(state, a, "device")?;
-        state.jobs.pause(&id).map_err(job_error)?;
-        Ok(empty())
+fn to_json<T: serde::Serialize>(value: T) -> Result<Value, QmpError> {
+    serde_json::to_value(value).map_err(|e| QmpError::generic(e.to_string()))
+}
+
+pub fn query_jobs(state: &mut State, _: Value) -> Reply<'_> {
+    Box::pin(async move { to_json(state.jobs.query_jobs()) })
+}
+
+pub fn query_block_jobs(state: &mut State, _: Value) -> Reply<'_> {
+    Box::pin(async move { to_json(state.jobs.query_block_jobs()) })
+}
+
+pub fn job_pause(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::Job, |jobs, id, _, _| jobs.pause(id))
+}
+
+pub fn job_resume(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::Job, |jobs, id, _, _| jobs.resume(id))
+}
+
+/// `job-cancel` is always a forced cancel.
+pub fn job_cancel(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::Job, |jobs, id, _, g| jobs.cancel(id, true, g))
+}
+
+pub fn job_complete(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::Job, |jobs, id, _, g| jobs.complete(id, g))
+}
+
+pub fn job_finalize(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::Job, |jobs, id, _, g| jobs.finalize(id, g))
+}
+
+pub fn job_dismiss(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::Job, |jobs, id, _, _| jobs.dismiss(id))
+}
+
+pub fn block_job_set_speed(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::BlockDevice, |jobs, id, a, _| {
+        jobs.set_speed(id, a.speed.unwrap_or_default())
     })
 }
 
-pub fn block_job_resume(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let id = block_job(state, a, "device")?;
-        state.jobs.resume(&id).map_err(job_error)?;
-        Ok(empty())
+/// `block-job-cancel` is a soft cancel unless `force` is set.
+pub fn block_job_cancel(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::BlockDevice, |jobs, id, a, g| {
+        jobs.cancel(id, a.force.unwrap_or(false), g)
     })
 }
 
-pub fn block_job_complete(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let id = block_job(state, a, "device")?;
-        let State { jobs, graph, .. } = state;
-        jobs.complete(&id, graph).map_err(job_error)?;
-        Ok(empty())
+pub fn block_job_pause(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::BlockDevice, |jobs, id, _, _| jobs.pause(id))
+}
+
+pub fn block_job_resume(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::BlockDevice, |jobs, id, _, _| jobs.resume(id))
+}
+
+pub fn block_job_complete(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::BlockDevice, |jobs, id, _, g| {
+        jobs.complete(id, g)
     })
 }
 
-pub fn block_job_finalize(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let id = block_job(state, a, "id")?;
-        let State { jobs, graph, .. } = state;
-        jobs.finalize(&id, graph).map_err(job_error)?;
-        Ok(empty())
-    })
+pub fn block_job_finalize(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::BlockId, |jobs, id, _, g| jobs.finalize(id, g))
 }
 
-pub fn block_job_dismiss(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let id = block_job(state, a, "id")?;
-        state.jobs.dismiss(&id).map_err(job_error)?;
-        Ok(empty())
-    })
+pub fn block_job_dismiss(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::BlockId, |jobs, id, _, _| jobs.dismiss(id))
 }
 
-pub fn block_job_change(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let id = block_job(state, a, "id")?;
-        state
-            .jobs
-            .apply_verb(&id, jobs::JobVerb::Change)
-            .map_err(job_error)?;
-        // Only mirror jobs take changes, and blockd runs none yet.
-        Err(job_error(jobs::JobError::ChangeUnsupported))
+/// Only mirror jobs take changes, and blockd runs none yet.
+pub fn block_job_change(s: &mut State, a: Value) -> Reply<'_> {
+    verb(s, a, Lookup::BlockId, |jobs, id, _, _| {
+        jobs.apply_verb(id, JobVerb::Change)?;
+        Err(JobError::ChangeUnsupported)
     })
 }
