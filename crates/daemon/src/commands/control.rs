@@ -8,7 +8,8 @@ pub fn query_version(_: &mut State, _: Value) -> Reply<'_> {
     Box::pin(async {
         let (major, minor, micro) = qmp::QEMU_VERSION;
         Ok(json!({
-            "qemu": {"major": major, "minor": minor, "micro": micro},
+            // QSD's member order (it matters to byte-for-byte clients).
+            "qemu": {"micro": micro, "minor": minor, "major": major},
             "package": crate::PACKAGE,
         }))
     })
