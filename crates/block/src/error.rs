@@ -68,6 +68,9 @@ pub enum Error {
     SharedLockFailed { perm: &'static str, path: String },
     #[error("{0}")]
     PermissionConflict(Box<PermConflict>),
+    /// Growing or shrinking a file failed (QEMU prints the system error in the text).
+    #[error("Could not resize file: {}", Errno(.0))]
+    Resize(io::Error),
     #[error("Block node is read-only")]
     NodeReadOnly,
     #[error("Image is read-only")]
@@ -139,7 +142,7 @@ impl Error {
         match self {
             NodeNotFound(_) | DeviceNotFound { .. } => ErrorKind::NotFound,
             NodeHasUsers(_) | NodeHasParents(_) | Busy(_) | NotMonitorOwned(_) => ErrorKind::InUse,
-            Open { .. } | Create { .. } | Io(_) => ErrorKind::Io,
+            Open { .. } | Create { .. } | Io(_) | Resize(_) => ErrorKind::Io,
             LockFailed { .. } | SharedLockFailed { .. } | PermissionConflict(_) => {
                 ErrorKind::PermissionConflict
             }

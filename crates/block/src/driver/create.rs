@@ -31,15 +31,23 @@ pub async fn create_file(opts: &FileCreateOptions) -> Result<()> {
                 path: path.clone(),
                 source,
             })?;
+        // QEMU hands the size to ftruncate as a signed offset: past i64::MAX it is
+        // a negative length, which the kernel refuses with EINVAL.
+        if i64::try_from(size).is_err() {
+            return Err(Error::Resize(io::Error::from_raw_os_error(libc::EINVAL)));
+        }
         // Start from an empty file so no old data survives, then grow it.
-        file.set_len(0)?;
+        file.set_len(0).map_err(Error::Resize)?;
         match prealloc {
-            PreallocMode::Off | PreallocMode::Metadata => file.set_len(size)?,
+            PreallocMode::Off | PreallocMode::Metadata => {
+                file.set_len(size).map_err(Error::Resize)?;
+                allocate_first_block(&file, size)?;
+            }
             PreallocMode::Falloc => {
                 if size > 0 {
                     sys::file::fallocate(&file, FallocMode::Allocate, 0, size)?;
                 }
-                file.set_len(size)?;
+                file.set_len(size).map_err(Error::Resize)?;
             }
             PreallocMode::Full => {
                 let zeroes = vec![0u8; FULL_CHUNK as usize];
@@ -62,6 +70,17 @@ pub async fn create_file(opts: &FileCreateOptions) -> Result<()> {
     }
 }
 
+/// Writes zeroes over the first block of a new sparse file, as QEMU does, so that
+/// alignment probing with O_DIRECT later finds allocated data to read.
+fn allocate_first_block(file: &std::fs::File, size: u64) -> Result<()> {
+    const FIRST_BLOCK: u64 = 4096;
+    let len = usize::try_from(size.min(FIRST_BLOCK)).map_err(|_| io::Error::other("block size"))?;
+    if len > 0 {
+        file.write_all_at(&vec![0u8; len], 0)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -78,7 +97,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn create_off_makes_sparse_file() {
+    async fn create_off_makes_a_sparse_file_with_its_first_block_allocated() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a.img");
         create_file(&opts(&path, 1 << 20, PreallocMode::Off))
@@ -86,7 +105,16 @@ mod tests {
             .unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!(meta.len(), 1 << 20);
-        assert_eq!(meta.blocks(), 0);
+        assert_eq!(meta.blocks() * 512, 4096);
+    }
+
+    #[tokio::test]
+    async fn create_with_a_size_past_i64_fails_as_qemus_ftruncate() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = create_file(&opts(&dir.path().join("a"), u64::MAX, PreallocMode::Off))
+            .await
+            .unwrap_err();
+        assert_eq!(err.to_string(), "Could not resize file: Invalid argument");
     }
 
     #[tokio::test]
