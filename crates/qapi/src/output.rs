@@ -49,7 +49,7 @@ fn write_value(out: &mut String, value: &Value, pretty: bool, indent: usize) {
         }
         Value::Object(map) => {
             out.push('{');
-            for (i, (key, member)) in map.iter().enumerate() {
+            for (i, (key, member)) in qdict_order(map).into_iter().enumerate() {
                 if i > 0 {
                     out.push_str(comma);
                 }
@@ -62,6 +62,35 @@ fn write_value(out: &mut String, value: &Value, pretty: bool, indent: usize) {
             out.push('}');
         }
     }
+}
+
+/// The number of hash buckets of a QEMU dictionary.
+const QDICT_BUCKETS: u32 = 512;
+
+/// The bucket QEMU's dictionary files `key` under (the TDB string hash, reduced
+/// modulo the bucket count).
+fn qdict_bucket(key: &str) -> u32 {
+    let bytes = key.as_bytes();
+    // Only the low 32 bits of the length take part, as in C's unsigned arithmetic.
+    let mut value = 0x238F_13AFu32.wrapping_mul(bytes.len() as u32);
+    for (i, &b) in bytes.iter().enumerate() {
+        let shift = (i * 5 % 24) as u32;
+        value = value.wrapping_add(u32::from(b) << shift);
+    }
+    1_103_515_243u32.wrapping_mul(value).wrapping_add(12345) % QDICT_BUCKETS
+}
+
+/// Members in the order QEMU prints a dictionary: by hash bucket, and within a
+/// bucket the most recently inserted first. Clients must not depend on member
+/// order, but byte-for-byte equal output costs nothing and spares the ones that do.
+fn qdict_order(map: &serde_json::Map<String, Value>) -> Vec<(&String, &Value)> {
+    let mut members: Vec<(u32, usize, &String, &Value)> = map
+        .iter()
+        .enumerate()
+        .map(|(i, (k, v))| (qdict_bucket(k), i, k, v))
+        .collect();
+    members.sort_by_key(|&(bucket, i, _, _)| (bucket, std::cmp::Reverse(i)));
+    members.into_iter().map(|(_, _, k, v)| (k, v)).collect()
 }
 
 fn write_number(out: &mut String, n: &Number) {
@@ -164,7 +193,7 @@ mod tests {
         let value = json!({"return": {"a": [1, 2], "b": {}, "c": [], "d": null, "e": false}});
         assert_eq!(
             to_wire(&value, false),
-            "{\"return\": {\"a\": [1, 2], \"b\": {}, \"c\": [], \"d\": null, \"e\": false}}\r\n"
+            "{\"return\": {\"d\": null, \"e\": false, \"a\": [1, 2], \"b\": {}, \"c\": []}}\r\n"
         );
     }
 
@@ -310,6 +339,45 @@ mod tests {
                 "{\"id\": 0.10000000000000001}\r\n",
                 "{\"id\": 1.0000000000000001e+300}\r\n",
                 "{\"id\": -0}\r\n"
+            ]
+        );
+    }
+
+    #[test]
+    fn objects_print_in_qemus_dictionary_order() {
+        let v: Value = serde_json::from_str(
+            r#"{"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": ""}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            to_wire(&v, false),
+            "{\"qemu\": {\"micro\": 2, \"minor\": 0, \"major\": 10}, \"package\": \"\"}\r\n"
+        );
+        let keys = [
+            "file",
+            "node-name",
+            "ro",
+            "drv",
+            "backing_file_depth",
+            "active",
+            "encrypted",
+        ];
+        let map: serde_json::Map<String, Value> =
+            keys.iter().map(|k| (k.to_string(), Value::Null)).collect();
+        let order: Vec<&str> = qdict_order(&map)
+            .into_iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "active",
+                "ro",
+                "node-name",
+                "backing_file_depth",
+                "drv",
+                "encrypted",
+                "file"
             ]
         );
     }
