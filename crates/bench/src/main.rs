@@ -8,6 +8,8 @@
 //! ```
 
 use std::fmt::Write as _;
+use std::io::Read as _;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -94,16 +96,65 @@ struct Samples {
 }
 
 /// Time from spawn to a read QMP greeting.
+///
+/// The daemon is started with the same monitor as testkit's launcher, but the
+/// socket is polled every 50 µs (testkit sleeps 2 ms between tries, which
+/// would round every start-up up to its poll period), and the greeting is read
+/// straight off the socket.
 fn startup_once(binary: &Path) -> Result<Duration> {
     let dir = tempfile::tempdir()?;
-    let mut daemon = Daemon::spawn_in(binary, dir.path(), &[] as &[&str])?;
-    daemon.wait_socket(Duration::from_secs(10))?;
-    let stream = daemon.connect_stream(Duration::from_secs(10))?;
-    let qmp = testkit::Qmp::from_stream(stream)?;
-    let elapsed = daemon.started().elapsed();
-    drop(qmp);
-    daemon.kill();
-    Ok(elapsed)
+    let socket = dir.path().join("qmp.sock");
+    let chardev = format!(
+        "socket,id=m0,path={},server=on,wait=off",
+        socket.to_str().context("non-UTF-8 socket path")?
+    );
+    let started = Instant::now();
+    let mut child = std::process::Command::new(binary)
+        .args(["--chardev", &chardev, "--monitor", "chardev=m0"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    let result = (|| -> Result<Duration> {
+        let deadline = started + Duration::from_secs(10);
+        let mut stream = loop {
+            match UnixStream::connect(&socket) {
+                Ok(stream) => break stream,
+                Err(err) => {
+                    if let Some(status) = child.try_wait()? {
+                        bail!("{} exited ({status}) during start-up", binary.display());
+                    }
+                    if Instant::now() > deadline {
+                        return Err(err).context("no QMP socket within 10 s");
+                    }
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+            }
+        };
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut greeting = Vec::with_capacity(256);
+        let mut buf = [0u8; 512];
+        while !greeting.contains(&b'\n') {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                bail!(
+                    "{}: connection closed before the greeting",
+                    binary.display()
+                );
+            }
+            greeting.extend_from_slice(&buf[..n]);
+        }
+        let elapsed = started.elapsed();
+        if !greeting.starts_with(b"{\"QMP\"") {
+            bail!("{}: unexpected greeting", binary.display());
+        }
+        Ok(elapsed)
+    })();
+    let _ = child.kill();
+    let _ = child.wait();
+    result
 }
 
 /// A daemon with four nodes: file, raw over it, and two null-co.
@@ -294,17 +345,17 @@ fn report(table: &str, opts: &Options) -> String {
     format!(
         "{START_MARK}\n## blockd vs qemu-storage-daemon\n\n\
          - date: {}\n- machine: {}\n- QSD: `{}`\n- blockd: `{}`\n\
-         - method: `cargo run --release -p bench -- --out BENCHMARKS.md`; {} interleaved rounds, \
-         each starting both daemons {} times, then measuring idle RSS and {} round trips \
-         (nodes: file, raw, null-co, null-co)\n\n{}{END_MARK}\n",
+         - method: `cargo run --release -p bench -- --rounds {r} --starts {s} --requests {n}`; \
+         {r} interleaved rounds, each starting both daemons {s} times, then measuring idle \
+         RSS and {n} round trips (nodes: file, raw, null-co, null-co)\n\n{}{END_MARK}\n",
         today(),
         machine(),
         version_line(&opts.qsd),
         version_line(&opts.blockd),
-        opts.rounds,
-        opts.starts,
-        opts.requests,
-        table
+        table,
+        r = opts.rounds,
+        s = opts.starts,
+        n = opts.requests,
     )
 }
 

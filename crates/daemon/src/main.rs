@@ -57,7 +57,10 @@ fn main() -> ExitCode {
     } else {
         None
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread runs every task: the control plane is a single task anyway,
+    // and file I/O goes to the blocking pool. Worker threads would only add
+    // start-up time, memory and cross-thread wake-ups on the QMP path.
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -5,8 +5,8 @@
 //! streamer, checks each request's shape and arguments against the schema,
 //! hands valid commands to a [`Handler`] (the daemon's control task) and
 //! writes replies and events in QEMU's output form. Events reach every session
-//! in command mode through a broadcast channel; sessions still negotiating drop
-//! them, as QEMU does.
+//! in command mode through its own queue on the event bus; sessions still
+//! negotiating drop them, as QEMU does.
 //!
 //! The session answers `qmp_capabilities` itself: capabilities are state of the
 //! connection, not of the daemon.

@@ -1,6 +1,6 @@
 //! One monitor connection: greeting, negotiation, requests, replies, events.
 
-use crate::event::{Event, EventBus};
+use crate::event::{EventBus, Receiver, RecvError};
 use async_trait::async_trait;
 use qapi::json::Parser;
 use qapi::output::to_wire;
@@ -8,7 +8,6 @@ use qapi::{schema, visit, ErrorClass, QmpError};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::broadcast::error::RecvError;
 
 /// Runs validated commands. The daemon's control task implements it.
 #[async_trait]
@@ -139,7 +138,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         &mut self,
         request: Value,
         handler: &dyn Handler,
-        rx: &mut tokio::sync::broadcast::Receiver<Arc<Event>>,
+        rx: &mut Receiver,
     ) -> Result<(), ()> {
         let Value::Object(obj) = request else {
             let reply = error_reply(&QmpError::generic("QMP input must be a JSON object"), None);
@@ -212,7 +211,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         &mut self,
         req: Request,
         handler: &dyn Handler,
-        rx: &mut tokio::sync::broadcast::Receiver<Arc<Event>>,
+        rx: &mut Receiver,
     ) -> Result<Value, QmpError> {
         let schema = schema::schema();
         let known = schema.commands.get(&req.command);
@@ -287,6 +286,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::Event;
     use tokio::io::{AsyncBufReadExt, BufReader, DuplexStream};
 
     /// Answers every command with its own name, and `emit` with an event.
