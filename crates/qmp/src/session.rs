@@ -15,7 +15,7 @@ pub trait Handler: Send + Sync + 'static {
     /// Executes `command` with arguments already checked against the schema.
     async fn execute(&self, command: &str, args: Value) -> Result<Value, QmpError>;
 
-    /// Called once the reply to `command` has been written to the client.
+    /// Called once a successful reply to `command` has been written to the client.
     fn replied(&self, _command: &str) {}
 }
 
@@ -88,7 +88,7 @@ where
 fn greeting(package: &str) -> Value {
     let (major, minor, micro) = crate::QEMU_VERSION;
     json!({"QMP": {
-        "version": {"qemu": {"micro": micro, "minor": minor, "major": major}, "package": package},
+        "version": {"qemu": {"major": major, "minor": minor, "micro": micro}, "package": package},
         "capabilities": ["oob"],
     }})
 }
@@ -152,6 +152,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
             }
             Err(err) => (Err(err), None),
         };
+        let succeeded = result.is_ok();
         let reply = match result {
             Ok(value) => return_reply(value, id),
             Err(err) => error_reply(&err, id),
@@ -159,7 +160,7 @@ impl<W: AsyncWrite + Unpin + Send> Session<W> {
         if self.send(&reply).await.is_err() {
             return Err(());
         }
-        if let Some(command) = command {
+        if let (true, Some(command)) = (succeeded, command) {
             handler.replied(&command);
         }
         Ok(())

@@ -8,8 +8,8 @@ pub fn query_version(_: &mut State, _: Value) -> Reply<'_> {
     Box::pin(async {
         let (major, minor, micro) = qmp::QEMU_VERSION;
         Ok(json!({
-            // QSD's member order (it matters to byte-for-byte clients).
-            "qemu": {"micro": micro, "minor": minor, "major": major},
+            // Members in schema order: the writer then orders them as QEMU does.
+            "qemu": {"major": major, "minor": minor, "micro": micro},
             "package": crate::PACKAGE,
         }))
     })
