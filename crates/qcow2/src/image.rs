@@ -1,0 +1,359 @@
+//! An open image: the header, the active L1 table, the L2 cache and the refcounts behind one
+//! async mutex, plus the storages the data lives on.
+//!
+//! State: `Meta` is the only mutable state; every metadata update holds its lock for the whole
+//! update so two requests never interleave allocation steps. Reads take it only to map an
+//! offset. The dirty bit is set (synced) before the first metadata update when lazy refcounts
+//! are on, and cleared by [`Image::close`] after everything is flushed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+
+use crate::error::{Error, IoContext, Result};
+use crate::header::{self, autoclear, incompat, CompressionType, Header, MAX_HOST_OFFSET};
+use crate::l2::{words_from_be, Geometry, L2Cache, L2Table, L1_OFFSET_MASK, L1_RESERVED_MASK};
+use crate::refcount::Refcounts;
+use crate::storage::Storage;
+
+/// QEMU's default maximum L2 cache on Linux (`DEFAULT_L2_CACHE_MAX_SIZE`, 32 MiB).
+pub const DEFAULT_L2_CACHE_BYTES: u64 = 32 << 20;
+/// Header offset of `incompatible_features`.
+pub(crate) const HEADER_INCOMPAT: u64 = 72;
+/// Header offset of `autoclear_features`.
+pub(crate) const HEADER_AUTOCLEAR: u64 = 88;
+
+/// How to open an image.
+#[derive(Clone)]
+pub struct OpenOptions {
+    /// Refuse every write.
+    pub read_only: bool,
+    /// Bytes of L2 tables to cache (QEMU's `l2-cache-size`).
+    pub l2_cache_bytes: u64,
+    /// Defer refcount updates behind the dirty bit; `None` follows the image's feature bit.
+    pub lazy_refcounts: Option<bool>,
+    /// The external data file, for images that have one.
+    pub data_file: Option<Arc<dyn Storage>>,
+}
+
+impl Default for OpenOptions {
+    fn default() -> Self {
+        Self {
+            read_only: false,
+            l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
+            lazy_refcounts: None,
+            data_file: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("read_only", &self.read_only)
+            .field("l2_cache_bytes", &self.l2_cache_bytes)
+            .field("lazy_refcounts", &self.lazy_refcounts)
+            .field("data_file", &self.data_file.is_some())
+            .finish()
+    }
+}
+
+/// Mutable metadata, behind [`Image::meta`].
+pub(crate) struct Meta {
+    pub header: Header,
+    pub l1: Vec<u64>,
+    pub l2: L2Cache,
+    pub rc: Refcounts,
+    /// The dirty bit is set on disk by us and must be cleared on close.
+    pub dirty_marked: bool,
+}
+
+/// An open qcow2 image.
+pub struct Image {
+    pub(crate) file: Arc<dyn Storage>,
+    pub(crate) data_file: Option<Arc<dyn Storage>>,
+    pub(crate) geo: Geometry,
+    pub(crate) compression: CompressionType,
+    pub(crate) read_only: bool,
+    pub(crate) lazy: bool,
+    pub(crate) size: AtomicU64,
+    pub(crate) meta: Mutex<Meta>,
+}
+
+impl std::fmt::Debug for Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("geo", &self.geo)
+            .field("read_only", &self.read_only)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+/// A table must start inside the file (its tail may run past the unpadded last cluster).
+fn check_in_file(
+    table: &'static str,
+    offset: u64,
+    bytes: u64,
+    file_len: u64,
+    cs: u64,
+) -> Result<()> {
+    if bytes == 0 {
+        return Ok(());
+    }
+    let end = offset.saturating_add(bytes);
+    if offset >= file_len || end > file_len.div_ceil(cs).saturating_mul(cs) {
+        return Err(Error::PastEof {
+            table,
+            offset,
+            file_len,
+        });
+    }
+    Ok(())
+}
+
+impl Image {
+    /// Open the image on `file`.
+    pub async fn open(file: Arc<dyn Storage>, opts: OpenOptions) -> Result<Image> {
+        let file_len = file.len().await.ctx("cannot get the image size")?;
+        let mut first = vec![0u8; 512];
+        file.read_at(0, &mut first)
+            .await
+            .ctx("cannot read the image header")?;
+        if file_len < u64::from(header::V2_HEADER_LEN) {
+            return Err(Error::Truncated(file_len));
+        }
+        let cluster_bits = header::peek_cluster_bits(&first)?;
+        let cs = 1u64 << cluster_bits;
+        let mut cluster0 = vec![0u8; cs as usize];
+        file.read_at(0, &mut cluster0)
+            .await
+            .ctx("cannot read the image header")?;
+        let header = Header::parse(&cluster0)?;
+        if !opts.read_only && header.is_corrupt() {
+            return Err(Error::CorruptReadWrite);
+        }
+        let has_raw = header.autoclear_features & autoclear::DATA_FILE_RAW != 0;
+        if has_raw && !header.has_data_file() {
+            return Err(Error::Invalid("data-file-raw requires a data file".into()));
+        }
+        if header.has_data_file() && opts.data_file.is_none() {
+            return Err(Error::NoDataFile);
+        }
+        let l1_bytes = u64::from(header.l1_size) * 8;
+        check_in_file("L1 table", header.l1_table_offset, l1_bytes, file_len, cs)?;
+        let rt_bytes = u64::from(header.refcount_table_clusters) * cs;
+        check_in_file(
+            "Reference count table",
+            header.refcount_table_offset,
+            rt_bytes,
+            file_len,
+            cs,
+        )?;
+        if header.nb_snapshots > 0 && header.snapshots_offset >= file_len {
+            return Err(Error::PastEof {
+                table: "Snapshot table",
+                offset: header.snapshots_offset,
+                file_len,
+            });
+        }
+        let lazy = opts.lazy_refcounts.unwrap_or(header.has_lazy_refcounts());
+        if lazy && header.version < 3 {
+            return Err(Error::InvalidOption(
+                "Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level"
+                    .into(),
+            ));
+        }
+        let mut raw_l1 = vec![0u8; l1_bytes as usize];
+        file.read_at(header.l1_table_offset, &mut raw_l1)
+            .await
+            .ctx("cannot read the L1 table")?;
+        let mut rc = Refcounts::load(
+            file.as_ref(),
+            header.refcount_table_offset,
+            header.refcount_table_clusters,
+            header.refcount_order,
+            cluster_bits,
+        )
+        .await?;
+        rc.protected = vec![
+            (0, cs),
+            (header.l1_table_offset, header.l1_table_offset + l1_bytes),
+            (
+                header.refcount_table_offset,
+                header.refcount_table_offset + rt_bytes,
+            ),
+        ];
+        let geo = Geometry {
+            cluster_bits,
+            extended: header.has_extended_l2(),
+            data_file: header.has_data_file(),
+        };
+        let per_table = cs * geo.l2_entries();
+        let needed = header.size.div_ceil(per_table).max(1) * cs;
+        let l2_tables = (opts.l2_cache_bytes.min(needed) / cs).max(2);
+        let image = Image {
+            file,
+            data_file: opts.data_file,
+            geo,
+            compression: header.compression_type,
+            read_only: opts.read_only,
+            lazy,
+            size: AtomicU64::new(header.size),
+            meta: Mutex::new(Meta {
+                l1: words_from_be(&raw_l1),
+                l2: L2Cache::new(usize::try_from(l2_tables).unwrap_or(usize::MAX)),
+                rc,
+                header,
+                dirty_marked: false,
+            }),
+        };
+        if !image.read_only {
+            image.prepare_writable().await?;
+        }
+        Ok(image)
+    }
+
+    /// What a read-write open does before the first request: clear autoclear bits this library
+    /// does not maintain (bitmaps it would not update must be marked inconsistent) and repair
+    /// a dirty image.
+    async fn prepare_writable(&self) -> Result<()> {
+        let dirty = {
+            let mut meta = self.meta.lock().await;
+            let h = &mut meta.header;
+            if h.version >= 3 && h.autoclear_features & !autoclear::DATA_FILE_RAW != 0 {
+                h.autoclear_features &= autoclear::DATA_FILE_RAW;
+                let v = h.autoclear_features;
+                self.file
+                    .write_at(HEADER_AUTOCLEAR, &v.to_be_bytes())
+                    .await
+                    .ctx("cannot write the image header")?;
+                self.file.flush().await.ctx("cannot flush the image")?;
+            }
+            h.is_dirty()
+        };
+        if dirty {
+            self.repair_refcounts().await?;
+        }
+        Ok(())
+    }
+
+    /// A copy of the current header.
+    pub async fn header(&self) -> Header {
+        self.meta.lock().await.header.clone()
+    }
+
+    /// Virtual disk size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Cluster size in bytes.
+    pub fn cluster_size(&self) -> u64 {
+        self.geo.cluster_size()
+    }
+
+    /// Whether the image refuses writes.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The storage guest data lives on: the external data file or the image itself.
+    pub(crate) fn data(&self) -> &dyn Storage {
+        match &self.data_file {
+            Some(d) => d.as_ref(),
+            None => self.file.as_ref(),
+        }
+    }
+
+    /// Flush everything written so far to stable storage.
+    pub async fn flush(&self) -> Result<()> {
+        if let Some(d) = &self.data_file {
+            d.flush().await.ctx("cannot flush the data file")?;
+        }
+        self.file.flush().await.ctx("cannot flush the image")
+    }
+
+    /// Flush and clear the dirty bit this library set; the image stays usable.
+    pub async fn close(&self) -> Result<()> {
+        self.flush().await?;
+        let mut meta = self.meta.lock().await;
+        if meta.dirty_marked {
+            meta.header.incompatible_features &= !incompat::DIRTY;
+            let v = meta.header.incompatible_features;
+            self.file
+                .write_at(HEADER_INCOMPAT, &v.to_be_bytes())
+                .await
+                .ctx("cannot write the image header")?;
+            self.file.flush().await.ctx("cannot flush the image")?;
+            meta.dirty_marked = false;
+        }
+        Ok(())
+    }
+
+    /// Set the dirty bit (synced) before the first lazy metadata update.
+    pub(crate) async fn mark_dirty(&self, meta: &mut Meta) -> Result<()> {
+        if !self.lazy || meta.dirty_marked {
+            return Ok(());
+        }
+        meta.header.incompatible_features |= incompat::DIRTY;
+        let v = meta.header.incompatible_features;
+        self.file
+            .write_at(HEADER_INCOMPAT, &v.to_be_bytes())
+            .await
+            .ctx("cannot write the image header")?;
+        self.file.flush().await.ctx("cannot flush the image")?;
+        meta.dirty_marked = true;
+        Ok(())
+    }
+
+    /// Flush the refcount updates a following metadata write depends on (skipped with lazy
+    /// refcounts: the dirty bit covers them).
+    pub(crate) async fn order_barrier(&self) -> Result<()> {
+        if self.lazy {
+            return Ok(());
+        }
+        self.file.flush().await.ctx("cannot flush the image")
+    }
+}
+
+impl Meta {
+    /// The L2 table offset of L1 index `l1i`, if allocated; checks the entry.
+    pub fn l2_offset(&self, l1i: u64, cs: u64) -> Result<Option<u64>> {
+        let Some(entry) = usize::try_from(l1i).ok().and_then(|i| self.l1.get(i)) else {
+            return Ok(None);
+        };
+        if entry & L1_RESERVED_MASK != 0 {
+            return Err(Error::Corrupt(format!(
+                "L1 entry {l1i} ({entry:#x}) has reserved bits set"
+            )));
+        }
+        let off = entry & L1_OFFSET_MASK;
+        if !off.is_multiple_of(cs) {
+            return Err(Error::Corrupt(format!(
+                "L2 table offset {off:#x} is not cluster aligned"
+            )));
+        }
+        Ok((off != 0).then_some(off))
+    }
+
+    /// The L2 table at host offset `off`, from the cache or the file.
+    pub async fn l2_table(&mut self, file: &dyn Storage, off: u64, cs: u64) -> Result<L2Table> {
+        if let Some(t) = self.l2.get(off) {
+            return Ok(t);
+        }
+        if off >= MAX_HOST_OFFSET {
+            return Err(Error::Corrupt(format!(
+                "L2 table offset {off:#x} is too large"
+            )));
+        }
+        let mut raw = vec![0u8; cs as usize];
+        file.read_at(off, &mut raw)
+            .await
+            .ctx("cannot read an L2 table")?;
+        let table = Arc::new(words_from_be(&raw));
+        self.l2.insert(off, Arc::clone(&table));
+        Ok(table)
+    }
+}
