@@ -6,22 +6,21 @@
 //! from its backing node, and writes that copy part of a cluster on write ask the caller's
 //! [`Backing`] for the old data.
 //!
-//! ```no_run
-//! # async fn demo() -> Result<(), qcow2::Error> {
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! use std::sync::Arc;
 //! use qcow2::{CreateOptions, Image, MemStorage, OpenOptions};
 //! let storage = Arc::new(MemStorage::new());
-//! qcow2::create(storage.as_ref(), &CreateOptions::new(1 << 30)).await?;
+//! qcow2::create(storage.clone(), None, &CreateOptions::new(1 << 30)).await?;
 //! let image = Image::open(storage, OpenOptions::default()).await?;
 //! image.write(0, &[1; 4096], None).await?;
 //! let mut buf = vec![0; 4096];
 //! let holes = image.read(0, &mut buf).await?; // unallocated ranges, for the backing chain
 //! assert!(holes.is_empty());
 //! image.close().await?;
-//! # Ok(()) }
+//! # Ok::<(), qcow2::Error>(()) }).unwrap();
 //! ```
 #![forbid(unsafe_code)]
-#![allow(dead_code)] // the write path lands next
 
 mod check;
 mod compress;

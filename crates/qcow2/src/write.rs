@@ -1,1 +1,512 @@
-//! write
+//! Guest writes, write_zeroes, discard and growing the disk.
+//!
+//! Every update runs with the metadata lock held, in an order that leaves at worst leaked
+//! clusters after a crash (`docs/interop/qcow2.txt`, and DESIGN.md): a cluster's refcount is
+//! flushed before an L2 entry uses it, a new L2 table is flushed before the L1 entry points at
+//! it, copied-on-write data is flushed before the L2 entry that exposes it, and a reference is
+//! dropped only after the entry that stopped using it is flushed. With lazy refcounts the
+//! refcount flushes are skipped and the dirty bit (set first) covers them.
+
+use crate::error::{Error, IoContext, Result};
+use crate::image::{Image, Meta};
+use crate::l2::{
+    words_to_be, L2Entry, Mapping, ALL_ZERO_BITMAP, COMPRESSED, COPIED, L2_OFFSET_MASK, ZERO_FLAG,
+};
+use crate::storage::Backing;
+
+/// Header offset of `size`.
+const HEADER_SIZE: u64 = 24;
+/// Header offset of `l1_size` (followed by `l1_table_offset`).
+const HEADER_L1: u64 = 36;
+
+/// Bits `s0..=s1` of a subcluster mask.
+fn sc_mask(s0: u32, s1: u32) -> u64 {
+    let n = s1 - s0 + 1;
+    let ones = if n >= 32 { u32::MAX } else { (1u32 << n) - 1 };
+    u64::from(ones << s0)
+}
+
+impl Image {
+    fn check_writable(&self) -> Result<()> {
+        if self.read_only {
+            return Err(Error::ReadOnly);
+        }
+        Ok(())
+    }
+
+    /// Write `buf` at guest `offset`. `backing` supplies the data below this image for the
+    /// untouched part of a partially written cluster (zeros without one).
+    pub async fn write(
+        &self,
+        offset: u64,
+        buf: &[u8],
+        backing: Option<&dyn Backing>,
+    ) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        let cs = self.geo.cluster_size();
+        let mut meta = self.meta.lock().await;
+        self.mark_dirty(&mut meta).await?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let a = pos % cs;
+            let n = ((cs - a) as usize).min(buf.len() - done);
+            self.write_cluster(&mut meta, pos / cs, a, &buf[done..done + n], backing)
+                .await?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// The guest contents of cluster `gc` bytes `a..b` as the entry `e` describes them.
+    async fn read_old(
+        &self,
+        e: L2Entry,
+        gc: u64,
+        a: u64,
+        b: u64,
+        backing: Option<&dyn Backing>,
+    ) -> Result<Vec<u8>> {
+        let cs = self.geo.cluster_size();
+        let mut out = vec![0u8; (b - a) as usize];
+        if e.word & COMPRESSED != 0 {
+            let (off, len) = self.geo.compressed_extent(e.word);
+            let data = self.read_compressed(off, len).await?;
+            out.copy_from_slice(&data[a as usize..b as usize]);
+            return Ok(out);
+        }
+        let scs = self.geo.subcluster_size();
+        let mut pos = a;
+        while pos < b {
+            let end = ((pos / scs + 1) * scs).min(b);
+            let dst = &mut out[(pos - a) as usize..(end - a) as usize];
+            match self.geo.mapping(e, (pos / scs) as u32) {
+                Mapping::Data(h) => self
+                    .data()
+                    .read_at(h + pos, dst)
+                    .await
+                    .ctx("cannot read guest data")?,
+                Mapping::Unallocated => {
+                    if let Some(bk) = backing {
+                        bk.read(gc * cs + pos, dst)
+                            .await
+                            .ctx("cannot read the backing data")?;
+                    }
+                }
+                Mapping::Zero | Mapping::Compressed { .. } => {}
+            }
+            pos = end;
+        }
+        Ok(out)
+    }
+
+    /// Write `data` at byte `a` of guest cluster `gc`.
+    async fn write_cluster(
+        &self,
+        meta: &mut Meta,
+        gc: u64,
+        a: u64,
+        data: &[u8],
+        backing: Option<&dyn Backing>,
+    ) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let scs = self.geo.subcluster_size();
+        let b = a + data.len() as u64;
+        let (l2_off, idx) = self.l2_for_write(meta, gc).await?;
+        let e = self.entry_of(meta, gc).await?;
+        let compressed = e.word & COMPRESSED != 0;
+        let allocated = self.geo.is_allocated(e);
+        let in_place = allocated && e.word & COPIED != 0;
+        let old_host = e.word & L2_OFFSET_MASK;
+        let (s0, s1) = ((a / scs) as u32, ((b - 1) / scs) as u32);
+        let touched = sc_mask(s0, s1);
+
+        // Which bytes of the cluster get written, and the entry afterwards.
+        let (ra, rb, mut new) = if !self.geo.extended {
+            let word = if in_place { e.word & !ZERO_FLAG } else { 0 };
+            if in_place && e.word & ZERO_FLAG == 0 {
+                (a, b, e)
+            } else if in_place || a > 0 || b < cs {
+                (0, cs, L2Entry { word, bitmap: 0 })
+            } else {
+                (a, b, L2Entry { word, bitmap: 0 })
+            }
+        } else if compressed {
+            (
+                0,
+                cs,
+                L2Entry {
+                    word: 0,
+                    bitmap: u64::from(u32::MAX),
+                },
+            )
+        } else if allocated && !in_place {
+            let bitmap = (e.bitmap | touched) & !(touched << 32);
+            (0, cs, L2Entry { word: 0, bitmap })
+        } else if in_place && e.bitmap & touched == touched {
+            (a, b, e)
+        } else {
+            let bitmap = (e.bitmap | touched) & !(touched << 32);
+            let word = if in_place { e.word } else { 0 };
+            (
+                u64::from(s0) * scs,
+                (u64::from(s1) + 1) * scs,
+                L2Entry { word, bitmap },
+            )
+        };
+        let copied_old = ra < a || rb > b;
+        let host = if in_place {
+            old_host
+        } else if self.geo.data_file {
+            gc * cs
+        } else {
+            let h = meta.rc.alloc(self.file.as_ref(), 1).await?;
+            self.order_barrier().await?;
+            h
+        };
+        if !in_place {
+            new.word = host | COPIED;
+        }
+        let mut buf = if copied_old {
+            self.read_old(e, gc, ra, rb, backing).await?
+        } else {
+            Vec::new()
+        };
+        if copied_old {
+            buf[(a - ra) as usize..(b - ra) as usize].copy_from_slice(data);
+        }
+        let out = if copied_old { &buf[..] } else { data };
+        self.data()
+            .write_at(host + ra, out)
+            .await
+            .ctx("cannot write guest data")?;
+        if new == e {
+            return Ok(());
+        }
+        if copied_old {
+            self.data().flush().await.ctx("cannot flush guest data")?;
+        }
+        self.set_l2_entry(meta, l2_off, idx, new).await?;
+        if !in_place && (allocated || compressed) && !self.geo.data_file {
+            self.file.flush().await.ctx("cannot flush the image")?;
+            self.unref_entry(meta, e).await?;
+        }
+        Ok(())
+    }
+
+    /// Drop one reference from every host cluster entry `e` uses.
+    pub(crate) async fn unref_entry(&self, meta: &mut Meta, e: L2Entry) -> Result<()> {
+        if self.geo.data_file {
+            return Ok(());
+        }
+        let cb = self.geo.cluster_bits;
+        let (first, last) = if e.word & COMPRESSED != 0 {
+            let (off, len) = self.geo.compressed_extent(e.word);
+            (off >> cb, (off + len - 1) >> cb)
+        } else if self.geo.is_allocated(e) {
+            let c = (e.word & L2_OFFSET_MASK) >> cb;
+            (c, c)
+        } else {
+            return Ok(());
+        };
+        for c in first..=last {
+            meta.rc.adjust(self.file.as_ref(), c, -1).await?;
+        }
+        Ok(())
+    }
+
+    /// Write one L2 entry through to the file and the cache.
+    pub(crate) async fn set_l2_entry(
+        &self,
+        meta: &mut Meta,
+        l2_off: u64,
+        idx: u64,
+        e: L2Entry,
+    ) -> Result<()> {
+        let (at, bytes) = if self.geo.extended {
+            (l2_off + idx * 16, words_to_be(&[e.word, e.bitmap]))
+        } else {
+            (l2_off + idx * 8, words_to_be(&[e.word]))
+        };
+        self.file
+            .write_at(at, &bytes)
+            .await
+            .ctx("cannot write an L2 table")?;
+        meta.l2.update(l2_off, idx as usize, e, self.geo.extended);
+        Ok(())
+    }
+
+    /// The L2 table for guest cluster `gc`, allocated or unshared first if needed; returns
+    /// its offset and the entry index.
+    pub(crate) async fn l2_for_write(&self, meta: &mut Meta, gc: u64) -> Result<(u64, u64)> {
+        let cs = self.geo.cluster_size();
+        let per = self.geo.l2_entries();
+        let (l1i, idx) = (gc / per, gc % per);
+        let entry = usize::try_from(l1i)
+            .ok()
+            .and_then(|i| meta.l1.get(i).copied())
+            .ok_or_else(|| Error::Corrupt(format!("L1 table has no entry {l1i}")))?;
+        let old = meta.l2_offset(l1i, cs)?;
+        if old.is_some() && entry & COPIED != 0 {
+            return Ok((old.unwrap_or(0), idx));
+        }
+        let table = match old {
+            Some(off) => meta.l2_table(self.file.as_ref(), off, cs).await?.to_vec(),
+            None => vec![0u64; (cs / 8) as usize],
+        };
+        let new_off = meta.rc.alloc(self.file.as_ref(), 1).await?;
+        self.order_barrier().await?;
+        self.file
+            .write_at(new_off, &words_to_be(&table))
+            .await
+            .ctx("cannot write an L2 table")?;
+        self.file.flush().await.ctx("cannot flush the image")?;
+        self.set_l1_entry(meta, l1i, new_off | COPIED).await?;
+        meta.l2.insert(new_off, std::sync::Arc::new(table));
+        if let Some(off) = old {
+            self.file.flush().await.ctx("cannot flush the image")?;
+            meta.rc.adjust(self.file.as_ref(), off / cs, -1).await?;
+            meta.l2.remove(off);
+        }
+        Ok((new_off, idx))
+    }
+
+    async fn set_l1_entry(&self, meta: &mut Meta, l1i: u64, v: u64) -> Result<()> {
+        let at = meta.header.l1_table_offset + l1i * 8;
+        self.file
+            .write_at(at, &v.to_be_bytes())
+            .await
+            .ctx("cannot write the L1 table")?;
+        if let Some(slot) = meta.l1.get_mut(l1i as usize) {
+            *slot = v;
+        }
+        Ok(())
+    }
+
+    /// Make `offset..offset + len` read as zeros, with the zero flag where whole (sub)clusters
+    /// allow it and written zeros elsewhere. `unmap` lets host clusters be released.
+    pub async fn write_zeroes(
+        &self,
+        offset: u64,
+        len: u64,
+        unmap: bool,
+        backing: Option<&dyn Backing>,
+    ) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let cs = self.geo.cluster_size();
+        let scs = self.geo.subcluster_size();
+        let mut meta = self.meta.lock().await;
+        self.mark_dirty(&mut meta).await?;
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos / cs;
+            let a = pos % cs;
+            let b = (cs.min(end - gc * cs)).max(a);
+            // Whole subclusters inside a..b go through the entry; the edges get zero data.
+            let (za, zb) = (a.div_ceil(scs) * scs, b / scs * scs);
+            let by_flag = za < zb
+                && self
+                    .zero_by_flag(&mut meta, gc, za, zb, unmap, backing)
+                    .await?;
+            let parts: &[(u64, u64)] = if by_flag {
+                &[(a, za), (zb, b)]
+            } else {
+                &[(a, b)]
+            };
+            for &(x, y) in parts {
+                if x < y {
+                    let zeros = vec![0u8; (y - x) as usize];
+                    self.write_cluster(&mut meta, gc, x, &zeros, backing)
+                        .await?;
+                }
+            }
+            pos = gc * cs + b;
+        }
+        Ok(())
+    }
+
+    /// Zero whole subclusters `a..b` of cluster `gc` through its L2 entry; `false` when the
+    /// image cannot express it (v2 with a backing file, part of a compressed cluster).
+    async fn zero_by_flag(
+        &self,
+        meta: &mut Meta,
+        gc: u64,
+        a: u64,
+        b: u64,
+        unmap: bool,
+        backing: Option<&dyn Backing>,
+    ) -> Result<bool> {
+        let cs = self.geo.cluster_size();
+        let whole = a == 0 && b == cs;
+        let v3 = meta.header.version >= 3;
+        let e = self.entry_of(meta, gc).await?;
+        let compressed = e.word & COMPRESSED != 0;
+        if (!v3 && backing.is_some()) || (compressed && !whole) {
+            return Ok(false);
+        }
+        let new = if !v3 {
+            L2Entry::default()
+        } else if !self.geo.extended {
+            if unmap || compressed || !self.geo.is_allocated(e) {
+                L2Entry {
+                    word: ZERO_FLAG,
+                    bitmap: 0,
+                }
+            } else {
+                L2Entry {
+                    word: e.word | ZERO_FLAG,
+                    bitmap: 0,
+                }
+            }
+        } else if whole && (unmap || compressed || !self.geo.is_allocated(e)) {
+            L2Entry {
+                word: 0,
+                bitmap: ALL_ZERO_BITMAP,
+            }
+        } else {
+            let scs = self.geo.subcluster_size();
+            let m = sc_mask((a / scs) as u32, ((b - 1) / scs) as u32);
+            L2Entry {
+                word: e.word,
+                bitmap: (e.bitmap & !m) | (m << 32),
+            }
+        };
+        self.replace_entry(meta, gc, e, new).await?;
+        Ok(true)
+    }
+
+    /// Point guest cluster `gc` at `new` (which uses no new host cluster), then drop the
+    /// reference `old` held if `new` no longer uses it.
+    async fn replace_entry(
+        &self,
+        meta: &mut Meta,
+        gc: u64,
+        old: L2Entry,
+        new: L2Entry,
+    ) -> Result<()> {
+        if old == new {
+            return Ok(());
+        }
+        let (l2_off, idx) = self.l2_for_write(meta, gc).await?;
+        self.set_l2_entry(meta, l2_off, idx, new).await?;
+        let kept =
+            new.word & L2_OFFSET_MASK == old.word & L2_OFFSET_MASK && new.word & COMPRESSED == 0;
+        if !kept {
+            self.file.flush().await.ctx("cannot flush the image")?;
+            self.unref_entry(meta, old).await?;
+        }
+        Ok(())
+    }
+
+    /// Discard whole clusters inside `offset..offset + len` (partial clusters are left
+    /// alone, as QEMU does). On v3 they read as zeros afterwards; on v2 they fall through to
+    /// the backing file. Host clusters are released. `has_backing` says whether a backing
+    /// chain would show through an unallocated cluster (then v3 marks it zero).
+    pub async fn discard(&self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, len)?;
+        let cs = self.geo.cluster_size();
+        let mut meta = self.meta.lock().await;
+        self.mark_dirty(&mut meta).await?;
+        let (first, end) = (offset.div_ceil(cs), (offset + len) / cs);
+        let end = if offset + len == self.size() {
+            (offset + len).div_ceil(cs)
+        } else {
+            end
+        };
+        for gc in first..end {
+            let e = self.entry_of(&mut meta, gc).await?;
+            let unallocated = e.word == 0 && e.bitmap == 0;
+            if unallocated && (!has_backing || meta.header.version < 3) {
+                continue;
+            }
+            let new = if meta.header.version < 3 {
+                L2Entry::default()
+            } else if self.geo.extended {
+                L2Entry {
+                    word: 0,
+                    bitmap: ALL_ZERO_BITMAP,
+                }
+            } else {
+                L2Entry {
+                    word: ZERO_FLAG,
+                    bitmap: 0,
+                }
+            };
+            self.replace_entry(&mut meta, gc, e, new).await?;
+        }
+        Ok(())
+    }
+
+    /// Grow the virtual disk to `new_size` bytes (shrinking is refused).
+    pub async fn truncate(&self, new_size: u64) -> Result<()> {
+        self.check_writable()?;
+        let mut meta = self.meta.lock().await;
+        if new_size < meta.header.size {
+            return Err(Error::Unsupported(
+                "qcow2 images cannot be shrunk by this library".into(),
+            ));
+        }
+        let needed = meta.header.l1_entries_for(new_size);
+        if needed > crate::header::MAX_L1_BYTES / 8 || new_size > i64::MAX as u64 {
+            return Err(Error::InvalidOption("Image size too large".into()));
+        }
+        if needed > u64::from(meta.header.l1_size) {
+            self.grow_l1(&mut meta, needed).await?;
+        }
+        self.file
+            .write_at(HEADER_SIZE, &new_size.to_be_bytes())
+            .await
+            .ctx("cannot write the image header")?;
+        self.file.flush().await.ctx("cannot flush the image")?;
+        meta.header.size = new_size;
+        self.size
+            .store(new_size, std::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// Move the L1 table to new clusters holding `entries` entries; switch the header with one
+    /// synced write, then free the old table.
+    async fn grow_l1(&self, meta: &mut Meta, entries: u64) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let bytes = entries * 8;
+        let clusters = bytes.div_ceil(cs);
+        let new_off = meta.rc.alloc(self.file.as_ref(), clusters).await?;
+        let mut l1 = meta.l1.clone();
+        l1.resize(entries as usize, 0);
+        // Only the entries: qemu-img leaves the last cluster unpadded too.
+        let raw = words_to_be(&l1);
+        self.file
+            .write_at(new_off, &raw)
+            .await
+            .ctx("cannot write the L1 table")?;
+        self.file.flush().await.ctx("cannot flush the image")?;
+        let mut field = (entries as u32).to_be_bytes().to_vec();
+        field.extend_from_slice(&new_off.to_be_bytes());
+        self.file
+            .write_at(HEADER_L1, &field)
+            .await
+            .ctx("cannot write the image header")?;
+        self.file.flush().await.ctx("cannot flush the image")?;
+        let (old_off, old_bytes) = (
+            meta.header.l1_table_offset,
+            u64::from(meta.header.l1_size) * 8,
+        );
+        meta.rc
+            .protected
+            .retain(|(s, _)| *s != old_off || old_off == 0);
+        meta.rc.protected.push((new_off, new_off + bytes));
+        meta.header.l1_table_offset = new_off;
+        meta.header.l1_size = entries as u32;
+        meta.l1 = l1;
+        for c in 0..old_bytes.div_ceil(cs) {
+            meta.rc
+                .adjust(self.file.as_ref(), old_off / cs + c, -1)
+                .await?;
+        }
+        Ok(())
+    }
+}
