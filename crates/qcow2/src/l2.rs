@@ -22,7 +22,6 @@ pub const ZERO_FLAG: u64 = 1;
 /// Standard L2 entry: host cluster offset.
 pub const L2_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
 /// Standard L2 entry bits that must be zero (zero flag excluded).
-#[allow(dead_code)] // used by check
 pub const L2_RESERVED_MASK: u64 = 0x3f00_0000_0000_01fe;
 /// Extended L2: every subcluster reads as zero.
 pub const ALL_ZERO_BITMAP: u64 = 0xffff_ffff_0000_0000;

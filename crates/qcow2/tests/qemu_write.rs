@@ -113,6 +113,13 @@ async fn run_case(case: Case) {
                 .copy_from_slice(&b.0[h.start as usize..h.end as usize]);
         }
     }
+    let report = image.check().await.unwrap();
+    assert_eq!(
+        (report.corruptions, report.leaks),
+        (0, 0),
+        "{:?}",
+        report.messages
+    );
     image.close().await.unwrap();
     assert_same(&ours, &model);
     std::fs::write(dir.path("model.raw"), &model).unwrap();
