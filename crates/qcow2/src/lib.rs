@@ -36,7 +36,6 @@ mod storage;
 mod write;
 
 pub use check::CheckReport;
-pub use compress::compress;
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::{Error, Result};
 pub use ext::{BitmapsExt, Extensions, FeatureName};

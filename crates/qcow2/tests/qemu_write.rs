@@ -298,3 +298,36 @@ async fn growing_the_disk_moves_the_l1_table_and_stays_clean() {
     std::fs::write(dir.path("m.raw"), &model).unwrap();
     qemu_img(&["compare", "-f", "qcow2", "-F", "raw", &img, &dir.s("m.raw")]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_to_one_cluster_and_many_clusters_lose_nothing() {
+    let dir = Dir::new();
+    let img = dir.s("c.qcow2");
+    let file: Arc<dyn Storage> = Arc::new(FileStorage::create(&img).unwrap());
+    qcow2::create(Arc::clone(&file), None, &opts(4 << 20))
+        .await
+        .unwrap();
+    let image = Arc::new(Image::open(file, OpenOptions::default()).await.unwrap());
+    let mut tasks = Vec::new();
+    for i in 0..32u64 {
+        let image = Arc::clone(&image);
+        // Two writers per 64 KiB cluster, each on its own 4 KiB, racing to allocate it.
+        tasks.push(tokio::spawn(async move {
+            image
+                .write(i * 32768 + 4096, &[i as u8 + 1; 4096], None)
+                .await
+                .unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    image.close().await.unwrap();
+    let mut model = vec![0u8; 4 << 20];
+    for i in 0..32usize {
+        model[i * 32768 + 4096..i * 32768 + 8192].fill(i as u8 + 1);
+    }
+    std::fs::write(dir.path("m.raw"), &model).unwrap();
+    qemu_img(&["check", &img]);
+    qemu_img(&["compare", "-f", "qcow2", "-F", "raw", &img, &dir.s("m.raw")]);
+}
