@@ -45,6 +45,8 @@ pub enum Error {
     NodeHasUsers(String),
     #[error("Block device {0} is in use")]
     NodeHasParents(String),
+    #[error("Node '{node}' is busy: node is used as backing hd of '{parent}'")]
+    BackingInUse { node: String, parent: String },
     #[error("Node '{0}' is busy: node is drained")]
     Busy(String),
     #[error("Could not open '{path}': {}", Errno(.source))]
@@ -111,6 +113,15 @@ pub enum Error {
     /// The caller's handle lacks the permission for this request.
     #[error("request needs the '{0}' permission, which this user did not take")]
     PermissionNotTaken(&'static str),
+    /// An image format error (the qcow2 library's message chain, as QEMU words it).
+    #[error("{0}")]
+    Format(String),
+    /// Options a format driver refuses, in QEMU's words.
+    #[error("{0}")]
+    FormatOption(String),
+    /// The backing file named by an image (or given by `backing`) failed to open.
+    #[error("Could not open backing file: {0}")]
+    BackingOpen(Box<Error>),
     /// A host I/O error, shown as C's strerror text as QEMU shows it.
     #[error("{}", Errno(.0))]
     Io(#[from] io::Error),
@@ -141,12 +152,17 @@ impl Error {
         use Error::*;
         match self {
             NodeNotFound(_) | DeviceNotFound { .. } => ErrorKind::NotFound,
-            NodeHasUsers(_) | NodeHasParents(_) | Busy(_) | NotMonitorOwned(_) => ErrorKind::InUse,
+            NodeHasUsers(_)
+            | NodeHasParents(_)
+            | Busy(_)
+            | BackingInUse { .. }
+            | NotMonitorOwned(_) => ErrorKind::InUse,
             Open { .. } | Create { .. } | Io(_) | Resize(_) => ErrorKind::Io,
             LockFailed { .. } | SharedLockFailed { .. } | PermissionConflict(_) => {
                 ErrorKind::PermissionConflict
             }
             NodeReadOnly | ImageReadOnly | PermissionNotTaken(_) => ErrorKind::ReadOnly,
+            BackingOpen(inner) => inner.kind(),
             RawFixedSize | ResizeNotSupported | UnsupportedPreallocation(_) => {
                 ErrorKind::NotSupported
             }

@@ -17,7 +17,9 @@ use crate::driver::{BlockDriver, Extent, WriteFlags, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::node::{cumulative, Child, Node, NodeFlags, NodeInfo, ParentEdge, ParentKey};
 use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverOptions};
-use crate::perm::Perm;
+use crate::perm::{ChildRole, Perm};
+
+mod format;
 
 /// Longest node-name QEMU accepts.
 const NODE_NAME_MAX: usize = 31;
@@ -30,6 +32,8 @@ pub struct BlockGraph {
     nodes: IndexMap<String, Arc<Node>>,
     users: Mutex<Vec<Weak<UserRecord>>>,
     implicit_counter: u64,
+    /// Backing files being opened implicitly, nested (bounds a chain that loops).
+    pub(crate) backing_depth: u32,
 }
 
 #[derive(Debug)]
@@ -153,6 +157,28 @@ fn plan_edge(
     Ok(())
 }
 
+/// Checks, changing nothing, that a new parent `parent` could hold a child edge named
+/// `role_name` with `role` on `node` (image locks of other processes included): format
+/// drivers check this before they read their child, as QEMU attaches children first.
+pub(crate) fn precheck_child(
+    node: &Arc<Node>,
+    role: ChildRole,
+    role_name: &str,
+    parent: Option<&str>,
+) -> Result<()> {
+    let (perm, shared) = role.child_perms(Perm::NONE, Perm::ALL);
+    let parent = parent.unwrap_or_default();
+    let key = ParentKey::Node(parent.to_string());
+    let edge = ParentEdge {
+        key: key.clone(),
+        desc: format!("node '{parent}'"),
+        role: role_name.to_string(),
+        perm,
+        shared,
+    };
+    plan_edge(node, key, Some(edge), true, &mut Vec::new())
+}
+
 fn check_edge(node: &Node, edge: &ParentEdge, others: &[ParentEdge]) -> Result<()> {
     if node.is_read_only() && !(edge.perm & (Perm::WRITE | Perm::RESIZE)).is_empty() {
         return Err(Error::NodeReadOnly);
@@ -212,6 +238,26 @@ fn remove_edge(node: &Arc<Node>, key: ParentKey) {
     }
 }
 
+/// What opening a driver produced. `position` is where the node goes in the node list
+/// when that is not the end (a format node comes before the backing chain it opened).
+pub(crate) struct Opened {
+    pub(crate) driver: Box<dyn BlockDriver>,
+    pub(crate) children: Vec<Child>,
+    pub(crate) flags: NodeFlags,
+    pub(crate) position: Option<usize>,
+}
+
+impl Opened {
+    fn leaf(driver: Box<dyn BlockDriver>, flags: NodeFlags) -> Self {
+        Self {
+            driver,
+            children: Vec::new(),
+            flags,
+            position: None,
+        }
+    }
+}
+
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 impl BlockGraph {
@@ -247,20 +293,17 @@ impl BlockGraph {
     ) -> BoxFuture<'_, Result<Arc<Node>>> {
         Box::pin(async move {
             let common = &opts.common;
-            let name = match &common.node_name {
+            // QEMU names an anonymous node once its file child is open.
+            let given = match &common.node_name {
                 Some(name) => {
                     validate_node_name(name)?;
                     if self.nodes.contains_key(name) {
                         return Err(Error::DuplicateNodeName(name.clone()));
                     }
-                    name.clone()
+                    Some(name.clone())
                 }
                 None if is_root => return Err(Error::RootNodeNeedsName),
-                None => {
-                    let name = format!("#block{}{:02}", self.implicit_counter, two_random_digits());
-                    self.implicit_counter += 1;
-                    name
-                }
+                None => None,
             };
             let flags = NodeFlags {
                 read_only: common.read_only.unwrap_or(false),
@@ -278,7 +321,15 @@ impl BlockGraph {
             if flags.detect_zeroes == DetectZeroes::Unmap && flags.discard != Discard::Unmap {
                 return Err(Error::DetectZeroesUnmapNeedsDiscard);
             }
-            let (driver, children, flags) = self.open_driver(&opts.driver, flags).await?;
+            let mut slot = given;
+            let opened = self.open_driver(&opts.driver, flags, &mut slot).await?;
+            let name = self.name_now(&mut slot);
+            let Opened {
+                driver,
+                children,
+                flags,
+                position,
+            } = opened;
             let node = Arc::new(Node::new(name.clone(), !is_root, driver, flags, children));
             for child in node.children() {
                 let edge = ParentEdge {
@@ -299,7 +350,14 @@ impl BlockGraph {
                     return Err(err);
                 }
             }
-            self.nodes.insert(name, node.clone());
+            match position {
+                Some(index) if index <= self.nodes.len() => {
+                    self.nodes.shift_insert(index, name, node.clone());
+                }
+                _ => {
+                    self.nodes.insert(name, node.clone());
+                }
+            }
             Ok(node)
         })
     }
@@ -308,7 +366,8 @@ impl BlockGraph {
         &mut self,
         opts: &DriverOptions,
         mut flags: NodeFlags,
-    ) -> Result<(Box<dyn BlockDriver>, Vec<Child>, NodeFlags)> {
+        name: &mut Option<String>,
+    ) -> Result<Opened> {
         match opts {
             DriverOptions::File(file) => {
                 let open_flags = FileOpenFlags {
@@ -319,28 +378,14 @@ impl BlockGraph {
                 };
                 let (driver, read_only) = FileDriver::open(file, open_flags).await?;
                 flags.read_only = read_only;
-                Ok((Box::new(driver), Vec::new(), flags))
+                Ok(Opened::leaf(Box::new(driver), flags))
             }
             DriverOptions::NullCo(null) => {
-                Ok((Box::new(NullDriver::open(null)?), Vec::new(), flags))
+                Ok(Opened::leaf(Box::new(NullDriver::open(null)?), flags))
             }
+            DriverOptions::Qcow2(qcow2) => self.open_qcow2(qcow2, flags, name).await,
             DriverOptions::Raw(raw) => {
-                let child = match &raw.file {
-                    BlockdevRef::Reference(name) => {
-                        self.get(name).ok_or_else(|| Error::DeviceNotFound {
-                            device: name.clone(),
-                            node: name.clone(),
-                        })?
-                    }
-                    BlockdevRef::Definition(inline) => {
-                        let mut inline = (**inline).clone();
-                        // An inline child inherits the parent's read-only flag.
-                        if flags.read_only && inline.common.read_only.is_none() {
-                            inline.common.read_only = Some(true);
-                        }
-                        self.add_node(inline, false).await?
-                    }
-                };
+                let child = self.open_child(&raw.file, flags.read_only).await?;
                 match RawDriver::open(child.clone(), raw.offset, raw.size) {
                     Ok(driver) => {
                         let role = driver.child_role();
@@ -349,12 +394,15 @@ impl BlockGraph {
                             node: child,
                             role,
                         }];
-                        Ok((Box::new(driver), children, flags))
+                        Ok(Opened {
+                            driver: Box::new(driver),
+                            children,
+                            flags,
+                            position: None,
+                        })
                     }
                     Err(err) => {
-                        if child.is_implicit() && child.parents().is_empty() {
-                            self.nodes.shift_remove(child.name());
-                        }
+                        self.forget_orphan(&child).await;
                         Err(err)
                     }
                 }
@@ -362,12 +410,53 @@ impl BlockGraph {
         }
     }
 
+    /// The node's name, generating QEMU's `#block…` name for an anonymous node now if it
+    /// has none yet (QEMU names a node once its file child is open).
+    pub(crate) fn name_now(&mut self, slot: &mut Option<String>) -> String {
+        if let Some(name) = slot {
+            return name.clone();
+        }
+        let name = format!("#block{}{:02}", self.implicit_counter, two_random_digits());
+        self.implicit_counter += 1;
+        *slot = Some(name.clone());
+        name
+    }
+
+    /// The child a `BlockdevRef` names: an existing node, or a new implicit one that
+    /// inherits the parent's read-only flag.
+    pub(crate) async fn open_child(
+        &mut self,
+        reference: &BlockdevRef,
+        read_only: bool,
+    ) -> Result<Arc<Node>> {
+        match reference {
+            BlockdevRef::Reference(name) => self.get(name).ok_or_else(|| Error::DeviceNotFound {
+                device: name.clone(),
+                node: name.clone(),
+            }),
+            BlockdevRef::Definition(inline) => {
+                let mut inline = (**inline).clone();
+                if read_only && inline.common.read_only.is_none() {
+                    inline.common.read_only = Some(true);
+                }
+                self.add_node(inline, false).await
+            }
+        }
+    }
+
+    /// Removes `node` (and its implicit children) if it is implicit and nobody uses it:
+    /// what an open that failed after opening its children leaves behind.
+    pub(crate) async fn forget_orphan(&mut self, node: &Arc<Node>) {
+        if node.is_implicit() && node.parents().is_empty() && self.nodes.contains_key(node.name()) {
+            self.delete(node.clone()).await;
+        }
+    }
+
     async fn drop_implicit_children(&mut self, node: &Arc<Node>) {
+        let _ = node.driver().close().await;
         for child in node.children() {
             remove_edge(&child.node, ParentKey::Node(node.name().to_string()));
-            if child.node.is_implicit() && child.node.parents().is_empty() {
-                self.nodes.shift_remove(child.node.name());
-            }
+            self.forget_orphan(&child.node).await;
         }
     }
 
@@ -383,6 +472,16 @@ impl BlockGraph {
         if parents.iter().any(|e| matches!(e.key, ParentKey::User(_))) {
             return Err(Error::NodeHasUsers(name.to_string()));
         }
+        if let Some(ParentKey::Node(parent)) = parents
+            .iter()
+            .find(|e| e.role == "backing")
+            .map(|e| e.key.clone())
+        {
+            return Err(Error::BackingInUse {
+                node: name.to_string(),
+                parent,
+            });
+        }
         if !parents.is_empty() {
             return Err(Error::NodeHasParents(name.to_string()));
         }
@@ -394,6 +493,9 @@ impl BlockGraph {
         Box::pin(async move {
             node.gate().drain().await;
             self.nodes.shift_remove(node.name());
+            // Nothing can report a close failure here (QEMU ignores it too); the image
+            // stays as consistent as its last flush.
+            let _ = node.driver().close().await;
             for child in node.children() {
                 remove_edge(&child.node, ParentKey::Node(node.name().to_string()));
                 if child.node.is_implicit() && child.node.parents().is_empty() {
@@ -410,6 +512,7 @@ impl BlockGraph {
             // Flush goes through the gate, so it must come before the drain.
             let _ = node.flush().await;
             node.gate().drain().await;
+            let _ = node.driver().close().await;
             for child in node.children() {
                 remove_edge(&child.node, ParentKey::Node(node.name().to_string()));
             }

@@ -1,5 +1,5 @@
 //! blockd's block layer: the graph of nodes, their permissions and drain gates, and the
-//! drivers that do the I/O (`file`, `raw`, `null-co`).
+//! drivers that do the I/O (`file`, `raw`, `null-co`, `qcow2`).
 //!
 //! It knows nothing of JSON text, QMP or NBD: the daemon hands it typed options
 //! ([`BlockdevOptions`]) and maps its [`Error`]s to QMP errors; exports and jobs do
@@ -29,12 +29,16 @@ pub mod options;
 pub mod perm;
 
 pub use driver::create::create_file;
-pub use driver::{BlockDriver, DriverInfo, Extent, FormatSpecific, WriteFlags, ZeroFlags};
+pub use driver::qcow2::{create as create_qcow2, NodeStorage};
+pub use driver::{
+    BlockDriver, DriverInfo, Extent, FormatSpecific, Qcow2Info, WriteFlags, ZeroFlags,
+};
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{Backend, BlockGraph, DumpEdge, DumpNode, DumpNodeType, GraphDump};
 pub use node::{CacheInfo, ImageInfo, Node, NodeFlags, NodeInfo};
 pub use options::{
     BlockdevOptions, BlockdevRef, CommonOptions, CreateOptions, DetectZeroes, Discard,
-    DriverOptions, FileCreateOptions, FileOptions, NullOptions, PreallocMode, RawOptions,
+    DriverOptions, FileCreateOptions, FileOptions, NullOptions, PreallocMode, Qcow2CompressionType,
+    Qcow2CreateOptions, Qcow2Options, Qcow2Version, RawOptions,
 };
 pub use perm::Perm;

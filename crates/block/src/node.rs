@@ -89,7 +89,10 @@ pub struct ImageInfo {
     pub actual_size: Option<u64>,
     pub dirty_flag: Option<bool>,
     pub format_specific: Option<FormatSpecific>,
+    pub cluster_size: Option<u64>,
     pub backing_filename: Option<String>,
+    pub full_backing_filename: Option<String>,
+    pub backing_filename_format: Option<String>,
     pub backing_image: Option<Box<ImageInfo>>,
 }
 
@@ -311,17 +314,38 @@ impl Node {
         self.driver.filename().display()
     }
 
-    /// What query-named-block-nodes shows for this node.
+    /// The `backing` child, if the node has one.
+    pub fn backing(&self) -> Option<&Arc<Node>> {
+        self.children
+            .iter()
+            .find(|c| c.name == "backing")
+            .map(|c| &c.node)
+    }
+
+    /// Reads `buf.len()` bytes at `offset` for a parent driver: bytes past the node's
+    /// end read as zeroes.
+    pub(crate) async fn read_padded(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let size = self.size();
+        let inside = usize::try_from(size.saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        buf[inside..].fill(0);
+        self.read(offset, &mut buf[..inside]).await
+    }
+
+    /// What query-named-block-nodes shows for this node (with the whole backing chain:
+    /// the `flat` form drops `backing-image` and the depth).
     pub fn info(&self) -> NodeInfo {
         let filename = self.filename();
         let extra = self.driver.info();
+        let backing = self.backing().map(|b| b.info());
         NodeInfo {
             node_name: self.name.clone(),
             file: filename.clone(),
             ro: self.flags.read_only,
             drv: self.driver.name(),
-            backing_file: None,
-            backing_file_depth: 0,
+            backing_file: backing.as_ref().map(|b| b.file.clone()),
+            backing_file_depth: backing.as_ref().map_or(0, |b| b.backing_file_depth + 1),
             active: self.flags.active,
             encrypted: false,
             detect_zeroes: self.flags.detect_zeroes,
@@ -338,8 +362,11 @@ impl Node {
                 actual_size: extra.actual_size,
                 dirty_flag: extra.dirty_flag,
                 format_specific: extra.format_specific,
-                backing_filename: None,
-                backing_image: None,
+                cluster_size: extra.cluster_size,
+                backing_filename: extra.backing_filename,
+                full_backing_filename: extra.full_backing_filename,
+                backing_filename_format: extra.backing_filename_format,
+                backing_image: backing.map(|b| Box::new(b.image)),
             },
         }
     }

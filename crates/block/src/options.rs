@@ -78,6 +78,7 @@ pub enum DriverOptions {
     File(FileOptions),
     Raw(RawOptions),
     NullCo(NullOptions),
+    Qcow2(Box<Qcow2Options>),
 }
 
 impl DriverOptions {
@@ -87,6 +88,7 @@ impl DriverOptions {
             DriverOptions::File(_) => "file",
             DriverOptions::Raw(_) => "raw",
             DriverOptions::NullCo(_) => "null-co",
+            DriverOptions::Qcow2(_) => "qcow2",
         }
     }
 }
@@ -142,6 +144,40 @@ pub struct NullOptions {
     pub read_zeroes: Option<bool>,
 }
 
+/// `BlockdevOptionsQcow2`. `backing` is `None` when absent (open the backing file the
+/// header names), `Some(None)` for an explicit `null` (no backing file).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct Qcow2Options {
+    pub file: BlockdevRef,
+    #[serde(default, deserialize_with = "present")]
+    pub backing: Option<Option<BlockdevRef>>,
+    pub data_file: Option<BlockdevRef>,
+    pub lazy_refcounts: Option<bool>,
+    pub pass_discard_request: Option<bool>,
+    pub pass_discard_snapshot: Option<bool>,
+    pub pass_discard_other: Option<bool>,
+    pub discard_no_unref: Option<bool>,
+    /// `Qcow2OverlapChecks`: accepted; blockd's metadata checks are always on.
+    pub overlap_check: Option<serde_json::Value>,
+    pub cache_size: Option<i64>,
+    pub l2_cache_size: Option<i64>,
+    pub l2_cache_entry_size: Option<i64>,
+    pub refcount_cache_size: Option<i64>,
+    pub cache_clean_interval: Option<i64>,
+    /// `BlockdevQcow2Encryption`: blockd opens no encrypted image.
+    pub encrypt: Option<serde_json::Value>,
+}
+
+/// Marks a member as present, so that an explicit `null` is `Some(None)`.
+fn present<'de, D, T>(de: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(de).map(Some)
+}
+
 /// `BlockdevRef`: a child given inline or by the node-name of an existing node.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -156,6 +192,43 @@ pub enum BlockdevRef {
 #[non_exhaustive]
 pub enum CreateOptions {
     File(FileCreateOptions),
+    Qcow2(Qcow2CreateOptions),
+}
+
+/// `BlockdevQcow2Version`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Qcow2Version {
+    V2,
+    V3,
+}
+
+/// `Qcow2CompressionType`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Qcow2CompressionType {
+    Zlib,
+    Zstd,
+}
+
+/// `BlockdevCreateOptionsQcow2`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct Qcow2CreateOptions {
+    pub file: BlockdevRef,
+    pub data_file: Option<BlockdevRef>,
+    pub data_file_raw: Option<bool>,
+    pub extended_l2: Option<bool>,
+    pub size: u64,
+    pub version: Option<Qcow2Version>,
+    pub backing_file: Option<String>,
+    pub backing_fmt: Option<String>,
+    pub encrypt: Option<serde_json::Value>,
+    pub cluster_size: Option<u64>,
+    pub preallocation: Option<PreallocMode>,
+    pub lazy_refcounts: Option<bool>,
+    pub refcount_bits: Option<i64>,
+    pub compression_type: Option<Qcow2CompressionType>,
 }
 
 /// `BlockdevCreateOptionsFile`.
@@ -225,6 +298,30 @@ mod tests {
                 offset: None,
                 size: None
             })
+        );
+    }
+
+    #[test]
+    fn qcow2_backing_absent_null_and_reference_differ() {
+        let absent: BlockdevOptions =
+            serde_json::from_value(serde_json::json!({"driver": "qcow2", "file": "f"})).unwrap();
+        let null: BlockdevOptions = serde_json::from_value(
+            serde_json::json!({"driver": "qcow2", "file": "f", "backing": null}),
+        )
+        .unwrap();
+        let named: BlockdevOptions = serde_json::from_value(
+            serde_json::json!({"driver": "qcow2", "file": "f", "backing": "b"}),
+        )
+        .unwrap();
+        let backing = |o: BlockdevOptions| match o.driver {
+            DriverOptions::Qcow2(q) => q.backing,
+            _ => panic!("not qcow2"),
+        };
+        assert_eq!(backing(absent), None);
+        assert_eq!(backing(null), Some(None));
+        assert_eq!(
+            backing(named),
+            Some(Some(BlockdevRef::Reference("b".into())))
         );
     }
 

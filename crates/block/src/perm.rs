@@ -112,6 +112,16 @@ pub enum ChildRole {
     /// The child stores the parent's data at some mapping (raw with a window):
     /// as filtered, but resizing the child under the parent is never shared.
     Data,
+    /// The `file` child of a format driver, holding its data and metadata: always read,
+    /// written and resized when the node is writable; others may only read it or write
+    /// without changing what it reads.
+    Metadata {
+        /// The parent node is writable.
+        writable: bool,
+    },
+    /// A `backing` child: read when the parent's users need consistent reads; others
+    /// may change it only when the parent's users allow writes.
+    Cow,
 }
 
 impl ChildRole {
@@ -120,6 +130,22 @@ impl ChildRole {
         match self {
             ChildRole::Filtered => (perm, shared),
             ChildRole::Data => (perm, shared & !Perm::RESIZE),
+            ChildRole::Metadata { writable } => {
+                let mut child = Perm::CONSISTENT_READ | (perm & Perm::WRITE_UNCHANGED);
+                if writable {
+                    child = child | Perm::WRITE | Perm::RESIZE;
+                }
+                let shared = (shared & !(Perm::WRITE | Perm::RESIZE)) | Perm::WRITE_UNCHANGED;
+                (child, shared)
+            }
+            ChildRole::Cow => {
+                let child = perm & Perm::CONSISTENT_READ;
+                let mut others = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+                if shared.contains(Perm::WRITE) {
+                    others = others | Perm::WRITE | Perm::RESIZE;
+                }
+                (child, others)
+            }
         }
     }
 }
@@ -138,6 +164,27 @@ mod tests {
             (Perm::WRITE | Perm::CONSISTENT_READ).names_for_dump(),
             ["write", "consistent-read"]
         );
+    }
+
+    #[test]
+    fn writable_format_file_child_is_written_and_resized_but_not_shared() {
+        let (perm, shared) =
+            ChildRole::Metadata { writable: true }.child_perms(Perm::NONE, Perm::ALL);
+        assert_eq!(
+            perm.names_for_dump(),
+            ["resize", "write", "consistent-read"]
+        );
+        assert_eq!(
+            shared.names_for_dump(),
+            ["write-unchanged", "consistent-read"]
+        );
+    }
+
+    #[test]
+    fn unused_backing_child_takes_nothing_and_shares_all() {
+        let (perm, shared) = ChildRole::Cow.child_perms(Perm::NONE, Perm::ALL);
+        assert_eq!(perm, Perm::NONE);
+        assert_eq!(shared, Perm::ALL);
     }
 
     #[test]

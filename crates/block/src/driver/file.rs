@@ -65,6 +65,12 @@ async fn blocking<R: Send + 'static>(
 }
 
 /// Reads into `buf` at `offset`; bytes past the end of the file read as zeroes.
+/// QEMU counts a file's length in whole 512-byte sectors; the tail past the real end
+/// reads as zeroes.
+fn sector_rounded(len: u64) -> u64 {
+    len.div_ceil(512).saturating_mul(512)
+}
+
 fn pread_full(file: &File, mut offset: u64, mut buf: &mut [u8]) -> io::Result<()> {
     while !buf.is_empty() {
         match file.read_at(buf, offset) {
@@ -165,7 +171,7 @@ impl FileDriver {
         let driver = Self {
             path,
             file,
-            size: AtomicU64::new(size),
+            size: AtomicU64::new(sector_rounded(size)),
             align,
             direct,
             locking: opts.locking != Some(OnOffAuto::Off),
@@ -363,7 +369,7 @@ impl BlockDriver for FileDriver {
         }
         let file = self.file.clone();
         blocking(move || file.set_len(size)).await?;
-        self.size.store(size, Ordering::Release);
+        self.size.store(sector_rounded(size), Ordering::Release);
         Ok(())
     }
 
@@ -382,6 +388,7 @@ impl BlockDriver for FileDriver {
             actual_size: self.file.metadata().ok().map(|m| m.blocks() * 512),
             dirty_flag: Some(false),
             format_specific: Some(FormatSpecific::File),
+            ..DriverInfo::default()
         }
     }
 

@@ -12,6 +12,7 @@ use crate::perm::Perm;
 pub mod create;
 pub mod file;
 pub mod null;
+pub mod qcow2;
 pub mod raw;
 #[cfg(test)]
 mod tests;
@@ -53,6 +54,28 @@ pub struct Extent {
 pub enum FormatSpecific {
     /// `{"type": "file", "data": {}}`.
     File,
+    /// `{"type": "qcow2", "data": {...}}`.
+    Qcow2(Qcow2Info),
+}
+
+/// `ImageInfoSpecificQCow2`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Qcow2Info {
+    /// `0.10` (v2) or `1.1` (v3).
+    pub compat: &'static str,
+    /// The external data file's name, if any.
+    pub data_file: Option<String>,
+    /// Whether the data file is a raw image (v3 with a data file only).
+    pub data_file_raw: Option<bool>,
+    /// v3 only.
+    pub extended_l2: Option<bool>,
+    /// v3 only.
+    pub lazy_refcounts: Option<bool>,
+    /// v3 only.
+    pub corrupt: Option<bool>,
+    pub refcount_bits: u32,
+    /// `zlib` or `zstd`.
+    pub compression_type: &'static str,
 }
 
 /// Image details a driver contributes to `query-named-block-nodes`.
@@ -64,6 +87,14 @@ pub struct DriverInfo {
     pub dirty_flag: Option<bool>,
     /// `format-specific`, when present.
     pub format_specific: Option<FormatSpecific>,
+    /// `cluster-size`, for formats with clusters.
+    pub cluster_size: Option<u64>,
+    /// The backing file name as the image header stores it.
+    pub backing_filename: Option<String>,
+    /// That name resolved against the image's folder.
+    pub full_backing_filename: Option<String>,
+    /// The backing format the image header stores.
+    pub backing_filename_format: Option<String>,
 }
 
 /// What a node's driver can do. One implementation per QMP `driver` value.
@@ -104,4 +135,9 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     }
     /// Records the node's new cumulative permissions (after `check_perm` passed).
     fn set_perm(&self, _perm: Perm, _shared: Perm) {}
+    /// Writes back what the driver keeps in memory and leaves the image consistent
+    /// (clean) on its storage; called once, when the node leaves the graph.
+    async fn close(&self) -> Result<()> {
+        Ok(())
+    }
 }

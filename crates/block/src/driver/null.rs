@@ -115,6 +115,7 @@ impl BlockDriver for NullDriver {
             actual_size: Some(0),
             dirty_flag: None,
             format_specific: None,
+            ..DriverInfo::default()
         }
     }
 }

@@ -136,6 +136,7 @@ impl BlockDriver for RawDriver {
             actual_size: self.child.driver().info().actual_size,
             dirty_flag: Some(false),
             format_specific: None,
+            ..DriverInfo::default()
         }
     }
 }

@@ -3,7 +3,10 @@
 use super::{args, block_error, empty, job_error, Reply};
 use crate::control::State;
 use async_trait::async_trait;
-use block::{BlockGraph, BlockdevOptions, CreateOptions, ImageInfo, NodeInfo};
+use block::{
+    Backend, BlockGraph, BlockdevOptions, BlockdevRef, CreateOptions, ImageInfo, Node, NodeInfo,
+    Perm,
+};
 use jobs::{JobContext, JobDriver, JobOptions, JobType};
 use qapi::QmpError;
 use serde::Deserialize;
@@ -66,6 +69,43 @@ struct CreateArgs {
 /// The `create` job of `blockdev-create`.
 struct CreateJob {
     options: CreateOptions,
+    /// For formats: the nodes the image is written through (with the job's write and
+    /// resize permissions held), or why they could not be had; dropped when the job ends.
+    nodes: std::sync::Mutex<Option<Result<FormatTarget, String>>>,
+}
+
+/// The `file` (and `data-file`) nodes a format's create job writes through.
+struct FormatTarget {
+    file: (Arc<Node>, Backend),
+    data_file: Option<(Arc<Node>, Backend)>,
+}
+
+/// Looks a create job's node up and takes QEMU's permissions for writing an image on it
+/// (write and resize, everything shared).
+fn create_target(
+    graph: &BlockGraph,
+    reference: &BlockdevRef,
+) -> Result<(Arc<Node>, Backend), String> {
+    let BlockdevRef::Reference(name) = reference else {
+        return Err("blockd needs an existing node (a node-name) for blockdev-create".into());
+    };
+    let node = graph
+        .get(name)
+        .ok_or_else(|| format!("Cannot find device='{name}' nor node-name='{name}'"))?;
+    let user = graph
+        .attach(name, Perm::WRITE | Perm::RESIZE, Perm::ALL, "")
+        .map_err(|err| err.to_string())?;
+    Ok((node, user))
+}
+
+fn format_target(
+    graph: &BlockGraph,
+    file: &BlockdevRef,
+    data_file: Option<&BlockdevRef>,
+) -> Result<FormatTarget, String> {
+    let file = create_target(graph, file)?;
+    let data_file = data_file.map(|d| create_target(graph, d)).transpose()?;
+    Ok(FormatTarget { file, data_file })
 }
 
 #[async_trait]
@@ -77,39 +117,83 @@ impl JobDriver<BlockGraph> for CreateJob {
     async fn run(&self, ctx: JobContext) -> Result<(), String> {
         ctx.set_progress(0, 1);
         let result = match &self.options {
-            CreateOptions::File(file) => block::create_file(file).await,
+            CreateOptions::File(file) => block::create_file(file).await.map_err(|e| e.to_string()),
+            CreateOptions::Qcow2(qcow2) => {
+                let target = match self.nodes.lock() {
+                    Ok(mut guard) => guard.take(),
+                    Err(poisoned) => poisoned.into_inner().take(),
+                };
+                match target {
+                    Some(Ok(target)) => {
+                        let data = target.data_file.as_ref().map(|(node, _)| node.clone());
+                        block::create_qcow2(target.file.0.clone(), data, qcow2)
+                            .await
+                            .map_err(|e| e.to_string())
+                    }
+                    Some(Err(err)) => Err(err),
+                    None => Err("the create job ran twice".to_string()),
+                }
+            }
             _ => return Err("Driver does not support blockdev-create".to_string()),
         };
         ctx.set_progress(1, 1);
-        result.map_err(|err| err.to_string())
+        result
     }
 }
 
 pub fn blockdev_create(state: &mut State, a: Value) -> Reply<'_> {
     Box::pin(async move {
         let a: CreateArgs = args(a)?;
-        if a.options.get("driver").and_then(Value::as_str) != Some("file") {
+        if !matches!(
+            a.options.get("driver").and_then(Value::as_str),
+            Some("file" | "qcow2")
+        ) {
             return Err(QmpError::generic("Driver does not support blockdev-create"));
         }
         let options: CreateOptions = args(a.options)?;
+        let nodes = match &options {
+            CreateOptions::Qcow2(q) => {
+                Some(format_target(&state.graph, &q.file, q.data_file.as_ref()))
+            }
+            _ => None,
+        };
         let opts = JobOptions {
             auto_dismiss: false,
             ..JobOptions::new(a.job_id, JobType::Create)
         };
         let id = state
             .jobs
-            .create(opts, Arc::new(CreateJob { options }))
+            .create(
+                opts,
+                Arc::new(CreateJob {
+                    options,
+                    nodes: std::sync::Mutex::new(nodes),
+                }),
+            )
             .map_err(job_error)?;
         state.jobs.start(id.as_str()).map_err(job_error)?;
         Ok(empty())
     })
 }
 
-pub fn query_named_block_nodes(state: &mut State, _: Value) -> Reply<'_> {
+#[derive(Deserialize)]
+struct QueryNodesArgs {
+    flat: Option<bool>,
+}
+
+pub fn query_named_block_nodes(state: &mut State, a: Value) -> Reply<'_> {
     Box::pin(async move {
-        Ok(Value::Array(
-            state.graph.infos().iter().map(block_device_info).collect(),
-        ))
+        let a: QueryNodesArgs = args(a)?;
+        let flat = a.flat.unwrap_or(false);
+        let mut infos = state.graph.infos();
+        if flat {
+            // QSD's flat form leaves out the backing chain and its depth.
+            for info in &mut infos {
+                info.backing_file_depth = 0;
+                info.image.backing_image = None;
+            }
+        }
+        Ok(Value::Array(infos.iter().map(block_device_info).collect()))
     })
 }
 
@@ -173,6 +257,9 @@ fn image_info(image: &ImageInfo) -> Value {
     if let Some(size) = image.actual_size {
         m.insert("actual-size".into(), size.into());
     }
+    if let Some(size) = image.cluster_size {
+        m.insert("cluster-size".into(), size.into());
+    }
     if let Some(fs) = &image.format_specific {
         m.insert("format-specific".into(), format_specific(fs));
     }
@@ -181,6 +268,12 @@ fn image_info(image: &ImageInfo) -> Value {
     }
     if let Some(backing) = &image.backing_filename {
         m.insert("backing-filename".into(), backing.clone().into());
+    }
+    if let Some(backing) = &image.full_backing_filename {
+        m.insert("full-backing-filename".into(), backing.clone().into());
+    }
+    if let Some(format) = &image.backing_filename_format {
+        m.insert("backing-filename-format".into(), format.clone().into());
     }
     if let Some(backing) = &image.backing_image {
         m.insert("backing-image".into(), image_info(backing));
@@ -191,6 +284,28 @@ fn image_info(image: &ImageInfo) -> Value {
 fn format_specific(fs: &block::FormatSpecific) -> Value {
     match fs {
         block::FormatSpecific::File => json!({"type": "file", "data": {}}),
+        block::FormatSpecific::Qcow2(q) => {
+            let mut data = Map::new();
+            data.insert("compat".into(), q.compat.into());
+            if let Some(name) = &q.data_file {
+                data.insert("data-file".into(), name.clone().into());
+            }
+            if let Some(raw) = q.data_file_raw {
+                data.insert("data-file-raw".into(), raw.into());
+            }
+            if let Some(ext) = q.extended_l2 {
+                data.insert("extended-l2".into(), ext.into());
+            }
+            if let Some(lazy) = q.lazy_refcounts {
+                data.insert("lazy-refcounts".into(), lazy.into());
+            }
+            if let Some(corrupt) = q.corrupt {
+                data.insert("corrupt".into(), corrupt.into());
+            }
+            data.insert("refcount-bits".into(), q.refcount_bits.into());
+            data.insert("compression-type".into(), q.compression_type.into());
+            json!({"type": "qcow2", "data": data})
+        }
         other => json!({"type": format!("{other:?}").to_lowercase(), "data": {}}),
     }
 }
