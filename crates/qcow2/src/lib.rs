@@ -30,6 +30,7 @@ mod ext;
 mod header;
 mod image;
 mod l2;
+mod pin;
 mod read;
 mod refcount;
 mod storage;

@@ -4,7 +4,8 @@ use std::ops::Range;
 
 use crate::error::{Error, IoContext, Result};
 use crate::image::Image;
-use crate::l2::{entry_at, L2Entry, Mapping};
+use crate::l2::{entry_at, L2Entry, Mapping, L2_OFFSET_MASK};
+use crate::pin::Pin;
 
 /// What a guest range is, as [`Image::block_status`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,13 +57,39 @@ impl Image {
     /// Map `offset` and return how far (at most `max_len`, within one cluster) the same
     /// mapping goes. Data mappings carry the host offset of `offset` itself.
     pub(crate) async fn lookup(&self, offset: u64, max_len: u64) -> Result<(Mapping, u64)> {
+        let (m, len, _) = self.lookup_pinned(offset, max_len, false).await?;
+        Ok((m, len))
+    }
+
+    /// [`Image::lookup`], and with `pin` also pin (under the metadata lock) the host clusters
+    /// of the image file the cluster's data lives in, so they are not reused before the
+    /// caller has read them.
+    async fn lookup_pinned(
+        &self,
+        offset: u64,
+        max_len: u64,
+        pin: bool,
+    ) -> Result<(Mapping, u64, Option<Pin>)> {
         let cs = self.geo.cluster_size();
         let gc = offset / cs;
         let in_cluster = offset % cs;
         let room = (cs - in_cluster).min(max_len);
-        let e = {
+        let (e, guard) = {
             let mut meta = self.meta.lock().await;
-            self.entry_of(&mut meta, gc).await?
+            let e = self.entry_of(&mut meta, gc).await?;
+            let cb = self.geo.cluster_bits;
+            let guard = match self.geo.mapping(e, 0) {
+                _ if !pin => None,
+                Mapping::Compressed { offset, len } => {
+                    Some(meta.rc.pins.pin(offset >> cb, (offset + len - 1) >> cb))
+                }
+                _ if self.geo.data_file || !self.geo.is_allocated(e) => None,
+                _ => {
+                    let c = (e.word & L2_OFFSET_MASK) >> cb;
+                    Some(meta.rc.pins.pin(c, c))
+                }
+            };
+            (e, guard)
         };
         let scs = self.geo.subcluster_size();
         let first_sc = (in_cluster / scs) as u32;
@@ -77,7 +104,7 @@ impl Image {
             Mapping::Data(host) => Mapping::Data(host + in_cluster),
             other => other,
         };
-        Ok((m, len))
+        Ok((m, len, guard))
     }
 
     fn same_kind(&self, a: Mapping, b: Mapping) -> bool {
@@ -127,7 +154,8 @@ impl Image {
         let mut done = 0u64;
         while done < len {
             let pos = offset + done;
-            let (m, n) = self.lookup(pos, len - done).await?;
+            // `_pin` keeps the mapped host clusters from reuse until this piece is read.
+            let (m, n, _pin) = self.lookup_pinned(pos, len - done, true).await?;
             let out = &mut buf[done as usize..(done + n) as usize];
             match m {
                 Mapping::Data(host) => self

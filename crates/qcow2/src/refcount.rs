@@ -7,10 +7,12 @@
 //! when they can; a grown refcount table is written and flushed before the header points at it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
 use crate::header::{MAX_HOST_OFFSET, MAX_REFTABLE_BYTES};
 use crate::l2::{words_from_be, words_to_be};
+use crate::pin::Pins;
 use crate::storage::Storage;
 
 /// Refcount table entry bits 9..63 hold the block offset; bits 0..8 are reserved.
@@ -35,6 +37,8 @@ pub(crate) struct Refcounts {
     pub protected: Vec<(u64, u64)>,
     /// One past the highest cluster handed out since open (it may lie past the file's end).
     pub alloc_end: u64,
+    /// Host clusters that reads mapped and still use: never handed out, even when free.
+    pub pins: Arc<Pins>,
 }
 
 impl Refcounts {
@@ -61,6 +65,7 @@ impl Refcounts {
             free_hint: 0,
             protected: Vec::new(),
             alloc_end: 0,
+            pins: Arc::default(),
         })
     }
 
@@ -185,7 +190,7 @@ impl Refcounts {
             if (c + 1) << self.cluster_bits > MAX_HOST_OFFSET {
                 return Err(Error::Unsupported("image is full".into()));
             }
-            if self.get(file, c).await? == 0 && !self.is_protected(c) {
+            if self.get(file, c).await? == 0 && !self.is_protected(c) && !self.pins.is_pinned(c) {
                 if run == 0 {
                     start = c;
                 }
