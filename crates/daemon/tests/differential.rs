@@ -46,6 +46,7 @@ scenarios!(
     negotiation,
     negotiation_without_oob,
     qcow2_blockdev,
+    qcow2_create,
     quit,
 );
 

@@ -29,6 +29,9 @@ const HEADER_CLUSTER_BITS: usize = 20;
 /// A child node seen as the library's byte storage.
 pub struct NodeStorage {
     node: Arc<Node>,
+    /// Ignore requests to shrink (`blockdev-create` writes a new image over whatever
+    /// the node holds and, as QEMU, leaves the old tail in place).
+    never_shrink: bool,
     /// Serializes growing, so two writes past the end never shrink each other's growth.
     grow: tokio::sync::Mutex<()>,
 }
@@ -38,7 +41,16 @@ impl NodeStorage {
     pub fn new(node: Arc<Node>) -> Self {
         Self {
             node,
+            never_shrink: false,
             grow: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Storage over `node` that only ever grows it.
+    pub fn growing_only(node: Arc<Node>) -> Self {
+        Self {
+            never_shrink: true,
+            ..Self::new(node)
         }
     }
 }
@@ -85,6 +97,9 @@ impl qcow2::Storage for NodeStorage {
 
     async fn set_len(&self, len: u64) -> io::Result<()> {
         let _growing = self.grow.lock().await;
+        if self.never_shrink && len <= self.node.size() {
+            return Ok(());
+        }
         self.node.truncate(len).await.map_err(io_error)
     }
 }
@@ -445,9 +460,9 @@ pub async fn create(
     opts: &crate::options::Qcow2CreateOptions,
 ) -> Result<()> {
     let create = create_options(opts, data_file.as_ref().map(|d| d.filename()))?;
-    let storage: Arc<dyn qcow2::Storage> = Arc::new(NodeStorage::new(file));
+    let storage: Arc<dyn qcow2::Storage> = Arc::new(NodeStorage::growing_only(file));
     let data: Option<Arc<dyn qcow2::Storage>> = match data_file {
-        Some(node) => Some(Arc::new(NodeStorage::new(node))),
+        Some(node) => Some(Arc::new(NodeStorage::growing_only(node))),
         None => None,
     };
     qcow2::create(storage, data, &create)
@@ -472,9 +487,7 @@ fn create_options(
     }
     let v3 = opts.version != Some(Qcow2Version::V2);
     let extended_l2 = opts.extended_l2.unwrap_or(false);
-    let cluster_size = opts
-        .cluster_size
-        .unwrap_or(if extended_l2 { 128 << 10 } else { 64 << 10 });
+    let cluster_size = opts.cluster_size.unwrap_or(64 << 10);
     if !cluster_size.is_power_of_two() || !(512..=2 << 20).contains(&cluster_size) {
         return bad("Cluster size must be a power of two between 512 and 2048k");
     }
