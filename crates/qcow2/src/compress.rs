@@ -53,16 +53,22 @@ fn unzstd(input: &[u8], out: &mut [u8]) -> bool {
     }
 }
 
-/// Compress one cluster; `None` if the result would not be smaller than `data.len() - 1`
-/// bytes. Test-only for now: QEMU inflates with a 4 KiB window, which this deflater (32 KiB
-/// window) does not honour, so compressed writes wait for a window-limited deflater.
-#[cfg(test)]
+/// Raw deflate window QEMU compresses with (and the smallest it can inflate).
+const DEFLATE_WINDOW_BITS: u8 = 12;
+
+/// Compress one cluster as QEMU does (raw deflate with a 4 KiB window, or a zstd frame);
+/// `None` if the result would not be smaller than `data.len() - 1` bytes, where QEMU writes
+/// the cluster uncompressed.
 pub(crate) fn compress(kind: CompressionType, data: &[u8]) -> Option<Vec<u8>> {
     let limit = data.len().checked_sub(1)?;
     let out = match kind {
         CompressionType::Deflate => {
-            let mut c = flate2::Compress::new(flate2::Compression::default(), false);
-            let mut out = Vec::with_capacity(data.len());
+            let mut c = flate2::Compress::new_with_window_bits(
+                flate2::Compression::default(),
+                false,
+                DEFLATE_WINDOW_BITS,
+            );
+            let mut out = Vec::with_capacity(limit);
             match c.compress_vec(data, &mut out, flate2::FlushCompress::Finish) {
                 Ok(flate2::Status::StreamEnd) => out,
                 _ => return None,
@@ -95,6 +101,32 @@ mod tests {
         let mut out = vec![0; 4096];
         decompress(CompressionType::Zstd, &c, &mut out, 0).unwrap();
         assert_eq!(out, data);
+    }
+
+    #[test]
+    fn deflate_output_inflates_with_a_4k_window() {
+        // Data whose repeats are 8 KiB apart: a 32 KiB window would reach back for them.
+        let block: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+        let data = [block.clone(), block].concat();
+        let c = compress(CompressionType::Deflate, &data).unwrap();
+        let mut d = flate2::Decompress::new_with_window_bits(false, DEFLATE_WINDOW_BITS);
+        let mut out = vec![0; data.len()];
+        d.decompress(&c, &mut out, flate2::FlushDecompress::Finish)
+            .unwrap();
+        assert_eq!((d.total_out(), out), (data.len() as u64, data));
+    }
+
+    #[test]
+    fn incompressible_data_is_refused() {
+        let mut x = 1u32;
+        let data: Vec<u8> = (0..4096)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                (x >> 16) as u8
+            })
+            .collect();
+        assert!(compress(CompressionType::Deflate, &data).is_none());
+        assert!(compress(CompressionType::Zstd, &data).is_none());
     }
 
     #[test]

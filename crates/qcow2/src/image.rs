@@ -67,6 +67,8 @@ pub(crate) struct Meta {
     pub rc: Refcounts,
     /// The dirty bit is set on disk by us and must be cleared on close.
     pub dirty_marked: bool,
+    /// Next free byte of the host cluster compressed clusters are being packed into (0: none).
+    pub compress_tail: u64,
 }
 
 /// An open qcow2 image.
@@ -207,6 +209,7 @@ impl Image {
                 rc,
                 header,
                 dirty_marked: false,
+                compress_tail: 0,
             }),
         };
         if !image.read_only {

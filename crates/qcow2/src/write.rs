@@ -210,7 +210,12 @@ impl Image {
         } else {
             return Ok(());
         };
+        let tail = meta.compress_tail;
         for c in first..=last {
+            if tail != 0 && c == (tail - 1) >> cb {
+                // Stop packing into a cluster that may be freed now.
+                meta.compress_tail = 0;
+            }
             meta.rc.adjust(self.file.as_ref(), c, -1).await?;
         }
         Ok(())
@@ -508,5 +513,77 @@ impl Image {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Write the guest cluster at `offset` compressed, as `qemu-img convert -c` and backup's
+    /// `compress` do. `buf` is the whole cluster, or the rest of the disk for a last partial
+    /// cluster. Data that does not compress is written uncompressed, as QEMU does.
+    pub async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        let cs = self.geo.cluster_size();
+        let whole = cs.min(self.size() - offset);
+        if !offset.is_multiple_of(cs) || buf.len() as u64 != whole || whole == 0 {
+            return Err(Error::InvalidOption(format!(
+                "compressed write at {offset:#x} of {:#x} bytes is not one whole cluster",
+                buf.len()
+            )));
+        }
+        if self.geo.data_file {
+            return Err(Error::Unsupported(
+                "compression is not supported with an external data file".into(),
+            ));
+        }
+        let mut cluster = buf.to_vec();
+        cluster.resize(cs as usize, 0);
+        let Some(packed) = crate::compress::compress(self.compression, &cluster) else {
+            return self.write(offset, buf, None).await;
+        };
+        let mut meta = self.meta.lock().await;
+        self.mark_dirty(&mut meta).await?;
+        let gc = offset / cs;
+        let (l2_off, idx) = self.l2_for_write(&mut meta, gc).await?;
+        let old = self.entry_of(&mut meta, gc).await?;
+        let len = packed.len() as u64;
+        let host = self.alloc_compressed(&mut meta, len).await?;
+        self.file
+            .write_at(host, &packed)
+            .await
+            .ctx("cannot write a compressed cluster")?;
+        let x = 62 - (self.geo.cluster_bits - 8);
+        if host >= 1 << x {
+            return Err(Error::Unsupported("image is full".into()));
+        }
+        let sectors = ((host + len - 1) >> 9) - (host >> 9);
+        let new = L2Entry {
+            word: COMPRESSED | (sectors << x) | host,
+            bitmap: 0,
+        };
+        self.set_l2_entry(&mut meta, l2_off, idx, new).await?;
+        if self.geo.is_allocated(old) || old.word & COMPRESSED != 0 {
+            self.file.flush().await.ctx("cannot flush the image")?;
+            self.unref_entry(&mut meta, old).await?;
+        }
+        Ok(())
+    }
+
+    /// Room for `len` bytes of compressed data (less than a cluster): after the previous
+    /// compressed cluster when its host cluster has room, which then gains a reference, or at
+    /// the start of a new host cluster.
+    async fn alloc_compressed(&self, meta: &mut Meta, len: u64) -> Result<u64> {
+        let cs = self.geo.cluster_size();
+        let tail = meta.compress_tail;
+        if tail != 0 && !tail.is_multiple_of(cs) && cs - tail % cs >= len {
+            meta.rc
+                .adjust(self.file.as_ref(), tail >> self.geo.cluster_bits, 1)
+                .await?;
+            self.order_barrier().await?;
+            meta.compress_tail = tail + len;
+            return Ok(tail);
+        }
+        let host = meta.rc.alloc(self.file.as_ref(), 1).await?;
+        self.order_barrier().await?;
+        meta.compress_tail = host + len;
+        Ok(host)
     }
 }

@@ -245,7 +245,7 @@ async fn crash_loop(opts: CreateOptions, kills: usize, seed: u64) -> Tally {
     let mut tally = Tally::default();
     for k in 0..kills {
         let child_seed = rng.next();
-        let delay = Duration::from_millis(rng.below(250));
+        let delay = Duration::from_millis(rng.below(200));
         let run = run_child(Path::new(&img), child_seed, delay);
         tally.kills += 1;
         let ctx = format!("kill {k} (seed {seed}, child seed {child_seed}, delay {delay:?})");
@@ -336,7 +336,7 @@ async fn sigkill_at_random_points_never_corrupts_and_keeps_flushed_writes() {
     ];
     let mut total = Tally::default();
     for (i, opts) in configs.into_iter().enumerate() {
-        let t = crash_loop(opts, 20, 0x5eed + i as u64).await;
+        let t = crash_loop(opts, 17, 0x5eed + i as u64).await;
         total.kills += t.kills;
         total.after_a_flush += t.after_a_flush;
         total.with_leaks += t.with_leaks;
@@ -354,7 +354,7 @@ async fn sigkill_with_lazy_refcounts_is_repaired_on_reopen() {
         lazy_refcounts: true,
         ..CreateOptions::new(16 << 20)
     };
-    let t = crash_loop(opts, 25, 0x1a27).await;
+    let t = crash_loop(opts, 20, 0x1a27).await;
     assert!(t.dirty > 0, "no kill left the image dirty: {t:?}");
     report("lazy crash", &t, started);
 }

@@ -57,8 +57,11 @@ async fn race(compressed_first: bool) {
     qcow2::create(Arc::clone(&file), None, &opts).await.unwrap();
     let image = Arc::new(Image::open(file, OpenOptions::default()).await.unwrap());
     let old: Vec<u8> = (0..4096).map(|i| (i % 251) as u8).collect();
-    assert!(!compressed_first);
-    image.write(0, &old, None).await.unwrap();
+    if compressed_first {
+        image.write_compressed(0, &old).await.unwrap();
+    } else {
+        image.write(0, &old, None).await.unwrap();
+    }
     let gate = match image.block_status(0, 4096).await.unwrap().kind {
         BlockKind::Data { host_offset } => host_offset,
         BlockKind::Compressed => {
@@ -99,4 +102,9 @@ async fn race(compressed_first: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_racing_a_discard_and_reuse_returns_the_old_data() {
     race(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_of_a_compressed_cluster_racing_a_discard_returns_the_old_data() {
+    race(true).await;
 }
