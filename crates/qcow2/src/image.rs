@@ -179,6 +179,9 @@ impl Image {
             cluster_bits,
         )
         .await?;
+        if !opts.read_only {
+            rc.check_blocks_in_file(file_len)?;
+        }
         rc.protected = vec![
             (0, cs),
             (header.l1_table_offset, header.l1_table_offset + l1_bytes),
@@ -358,5 +361,44 @@ impl Meta {
         let table = Arc::new(words_from_be(&raw));
         self.l2.insert(off, Arc::clone(&table));
         Ok(table)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{create, CreateOptions, MemStorage};
+
+    /// Found by the `qcow2_open` fuzz target: a dirty lazy-refcounts image whose refcount
+    /// table points at a block 1 TiB past the end made the repair on a writable open write
+    /// there (a MemStorage grew to 1 TiB).
+    #[tokio::test]
+    async fn refcount_block_past_the_end_refuses_a_writable_open() {
+        let st = MemStorage::new();
+        let opts = CreateOptions {
+            cluster_size: 512,
+            lazy_refcounts: true,
+            ..CreateOptions::new(64 << 10)
+        };
+        create(Arc::new(st.clone()), None, &opts).await.unwrap();
+        let mut bytes = st.to_bytes();
+        let h = Header::parse(&bytes).unwrap();
+        let at = h.refcount_table_offset as usize;
+        bytes[at..at + 8].copy_from_slice(&0xff_0000_0000u64.to_be_bytes());
+        bytes[HEADER_INCOMPAT as usize + 7] |= incompat::DIRTY as u8;
+        let open = |read_only| {
+            let file: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes.clone()));
+            Image::open(
+                file,
+                OpenOptions {
+                    read_only,
+                    ..OpenOptions::default()
+                },
+            )
+        };
+        let err = open(false).await.unwrap_err();
+        assert!(err.to_string().contains("outside the image"), "{err}");
+        let image = open(true).await.unwrap();
+        assert!(image.check().await.unwrap().corruptions > 0);
     }
 }

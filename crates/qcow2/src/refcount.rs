@@ -73,6 +73,22 @@ impl Refcounts {
         1 << self.cluster_bits
     }
 
+    /// Refuse refcount blocks outside the file (`file_len` bytes): updating them would write
+    /// far past the image's end (`qemu-img check`: "refcount block is outside image").
+    pub fn check_blocks_in_file(&self, file_len: u64) -> Result<()> {
+        let end = file_len.div_ceil(self.cluster_size()) * self.cluster_size();
+        for ti in 0..self.table.len() as u64 {
+            if let Some(off) = self.block_offset(ti)? {
+                if off >= end {
+                    return Err(Error::Corrupt(format!(
+                        "refcount block {ti} at {off:#x} is outside the image"
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Refcount entries in one block.
     pub fn block_entries(&self) -> u64 {
         (self.cluster_size() * 8) >> self.order
