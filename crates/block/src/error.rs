@@ -107,6 +107,10 @@ pub enum Error {
     UnsupportedPreallocation(&'static str),
     #[error("Image format driver does not support resize")]
     ResizeNotSupported,
+    #[error("Driver does not support x-blockdev-amend")]
+    AmendNotSupported,
+    #[error("x-blockdev-amend doesn't support changing the block driver")]
+    AmendChangesDriver,
     /// A request reaches past the end of the node.
     #[error("request at {offset:#x} length {len:#x} is beyond the end of the node ({size:#x})")]
     OutOfRange { offset: u64, len: u64, size: u64 },
@@ -163,9 +167,11 @@ impl Error {
             }
             NodeReadOnly | ImageReadOnly | PermissionNotTaken(_) => ErrorKind::ReadOnly,
             BackingOpen(inner) => inner.kind(),
-            RawFixedSize | ResizeNotSupported | UnsupportedPreallocation(_) => {
-                ErrorKind::NotSupported
-            }
+            RawFixedSize
+            | ResizeNotSupported
+            | UnsupportedPreallocation(_)
+            | AmendNotSupported
+            | AmendChangesDriver => ErrorKind::NotSupported,
             _ => ErrorKind::InvalidArgument,
         }
     }

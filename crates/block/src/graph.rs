@@ -15,7 +15,7 @@ use crate::driver::null::NullDriver;
 use crate::driver::raw::RawDriver;
 use crate::driver::{BlockDriver, Extent, WriteFlags, ZeroFlags};
 use crate::error::{Error, Result};
-use crate::node::{cumulative, Child, Node, NodeFlags, NodeInfo, ParentEdge, ParentKey};
+use crate::node::{cumulative, Child, Node, NodeFlags, NodeHold, NodeInfo, ParentEdge, ParentKey};
 use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverOptions};
 use crate::perm::{ChildRole, Perm};
 
@@ -482,7 +482,7 @@ impl BlockGraph {
                 parent,
             });
         }
-        if !parents.is_empty() {
+        if !parents.is_empty() || node.is_held() {
             return Err(Error::NodeHasParents(name.to_string()));
         }
         self.delete(node).await;
@@ -527,6 +527,23 @@ impl BlockGraph {
             .get(node_name)
             .ok_or_else(|| Error::NodeNotFound(node_name.to_string()))?;
         attach_user(&node, perm, shared, name, &self.users)
+    }
+
+    /// `x-blockdev-amend`'s checks, in QEMU's order: the node exists, `driver` (the
+    /// options' branch) is the node's driver, and that driver can amend. The hold keeps
+    /// the node out of `blockdev-del` until the job lets it go.
+    pub fn amend_target(&self, node_name: &str, driver: &str) -> Result<NodeHold> {
+        let node = self.get(node_name).ok_or_else(|| Error::DeviceNotFound {
+            device: String::new(),
+            node: node_name.to_string(),
+        })?;
+        if node.driver_name() != driver {
+            return Err(Error::AmendChangesDriver);
+        }
+        if !node.driver().can_amend() {
+            return Err(Error::AmendNotSupported);
+        }
+        Ok(NodeHold::new(node))
     }
 
     /// `block_resize`: looks the node up as QMP's `device` / `node-name`, takes the

@@ -35,7 +35,7 @@ pub use driver::{
 };
 pub use error::{Error, ErrorKind, Result};
 pub use graph::{Backend, BlockGraph, DumpEdge, DumpNode, DumpNodeType, GraphDump};
-pub use node::{CacheInfo, ImageInfo, Node, NodeFlags, NodeInfo};
+pub use node::{CacheInfo, ImageInfo, Node, NodeFlags, NodeHold, NodeInfo};
 pub use options::{
     BlockdevOptions, BlockdevRef, CommonOptions, CreateOptions, DetectZeroes, Discard,
     DriverOptions, FileCreateOptions, FileOptions, NullOptions, PreallocMode, Qcow2CompressionType,

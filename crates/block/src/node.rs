@@ -5,7 +5,7 @@
 //! flight), then the driver. `detect-zeroes` and `discard` are applied here so drivers
 //! never see them.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::drain::Gate;
@@ -70,6 +70,35 @@ pub struct Node {
     parents: Mutex<Vec<ParentEdge>>,
     gate: Gate,
     write_threshold: AtomicU64,
+    /// Live [`NodeHold`]s: references without an edge (a job's), which keep
+    /// `blockdev-del` off the node.
+    holds: AtomicUsize,
+}
+
+/// A reference to a node that is no edge of the graph (QEMU's plain reference count, as
+/// `x-blockdev-amend`'s job takes it): while one lives, `blockdev-del` refuses the node.
+#[derive(Debug)]
+pub struct NodeHold {
+    node: Arc<Node>,
+}
+
+impl NodeHold {
+    /// Takes a hold on `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        node.holds.fetch_add(1, Ordering::SeqCst);
+        Self { node }
+    }
+
+    /// The held node.
+    pub fn node(&self) -> &Arc<Node> {
+        &self.node
+    }
+}
+
+impl Drop for NodeHold {
+    fn drop(&mut self) {
+        self.node.holds.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// `cache` in query-named-block-nodes.
@@ -131,7 +160,13 @@ impl Node {
             parents: Mutex::new(Vec::new()),
             gate: Gate::new(),
             write_threshold: AtomicU64::new(0),
+            holds: AtomicUsize::new(0),
         }
+    }
+
+    /// Whether a [`NodeHold`] references the node.
+    pub fn is_held(&self) -> bool {
+        self.holds.load(Ordering::SeqCst) > 0
     }
 
     /// The node-name (generated `#block…` names for implicit children).

@@ -45,6 +45,7 @@ scenarios!(
     malformed_input,
     negotiation,
     negotiation_without_oob,
+    qcow2_amend,
     qcow2_blockdev,
     qcow2_create,
     quit,

@@ -5,7 +5,7 @@
 use async_trait::async_trait;
 use std::fmt;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::filename::Filename;
 use crate::perm::Perm;
 
@@ -135,6 +135,15 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     }
     /// Records the node's new cumulative permissions (after `check_perm` passed).
     fn set_perm(&self, _perm: Perm, _shared: Perm) {}
+    /// Whether the driver implements `x-blockdev-amend`.
+    fn can_amend(&self) -> bool {
+        false
+    }
+    /// `x-blockdev-amend`: makes the changes the driver's branch of
+    /// `BlockdevAmendOptions` (`options`, already checked against the schema) asks for.
+    async fn amend(&self, _options: &serde_json::Value, _force: bool) -> Result<()> {
+        Err(Error::AmendNotSupported)
+    }
     /// Writes back what the driver keeps in memory and leaves the image consistent
     /// (clean) on its storage; called once, when the node leaves the graph.
     async fn close(&self) -> Result<()> {

@@ -1,11 +1,12 @@
-//! blockdev-add, blockdev-del, block_resize, blockdev-create and the block queries.
+//! blockdev-add, blockdev-del, block_resize, blockdev-create, x-blockdev-amend and the block
+//! queries.
 
 use super::{args, block_error, empty, job_error, Reply};
 use crate::control::State;
 use async_trait::async_trait;
 use block::{
-    Backend, BlockGraph, BlockdevOptions, BlockdevRef, CreateOptions, ImageInfo, Node, NodeInfo,
-    Perm,
+    Backend, BlockGraph, BlockdevOptions, BlockdevRef, CreateOptions, ImageInfo, Node, NodeHold,
+    NodeInfo, Perm,
 };
 use jobs::{JobContext, JobDriver, JobOptions, JobType};
 use qapi::QmpError;
@@ -171,6 +172,70 @@ pub fn blockdev_create(state: &mut State, a: Value) -> Reply<'_> {
                 }),
             )
             .map_err(job_error)?;
+        state.jobs.start(id.as_str()).map_err(job_error)?;
+        Ok(empty())
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct AmendArgs {
+    job_id: String,
+    node_name: String,
+    options: Value,
+    force: Option<bool>,
+}
+
+/// The `amend` job of `x-blockdev-amend`. It holds the node (no edge, no permissions,
+/// as QEMU's job holds a plain reference) until the job is dismissed.
+struct AmendJob {
+    hold: NodeHold,
+    options: Value,
+    force: bool,
+}
+
+#[async_trait]
+impl JobDriver<BlockGraph> for AmendJob {
+    fn job_type(&self) -> JobType {
+        JobType::Amend
+    }
+
+    async fn run(&self, ctx: JobContext) -> Result<(), String> {
+        ctx.set_progress(0, 1);
+        let result = self
+            .hold
+            .node()
+            .driver()
+            .amend(&self.options, self.force)
+            .await
+            .map_err(|e| e.to_string());
+        ctx.set_progress(1, 1);
+        result
+    }
+}
+
+pub fn x_blockdev_amend(state: &mut State, a: Value) -> Reply<'_> {
+    Box::pin(async move {
+        let a: AmendArgs = args(a)?;
+        let driver = a
+            .options
+            .get("driver")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let hold = state
+            .graph
+            .amend_target(&a.node_name, driver)
+            .map_err(block_error)?;
+        let opts = JobOptions {
+            auto_dismiss: false,
+            ..JobOptions::new(a.job_id, JobType::Amend)
+        };
+        let job = AmendJob {
+            hold,
+            options: a.options,
+            force: a.force.unwrap_or(false),
+        };
+        let id = state.jobs.create(opts, Arc::new(job)).map_err(job_error)?;
         state.jobs.start(id.as_str()).map_err(job_error)?;
         Ok(empty())
     })

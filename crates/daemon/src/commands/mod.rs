@@ -33,6 +33,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("blockdev-del", blockdev::blockdev_del),
     ("block_resize", blockdev::block_resize),
     ("blockdev-create", blockdev::blockdev_create),
+    ("x-blockdev-amend", blockdev::x_blockdev_amend),
     ("query-named-block-nodes", blockdev::query_named_block_nodes),
     ("query-block", blockdev::query_block),
     (
