@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use testkit::proc::{process_alive, run_to_exit, send_signal, wait_gone, ChildGuard, PidGuard};
-use testkit::{find_tool, qsd_path, Daemon, Qmp};
+use testkit::{find_tool, qsd_path, start_qsd, Daemon, Qmp, Session};
 
 /// Generous limit for anything that should happen promptly.
 const LIMIT: Duration = Duration::from_secs(20);
@@ -89,6 +89,11 @@ fn exit_code(child: &mut ChildGuard) -> i32 {
     status.code().expect("the daemon was killed by a signal")
 }
 
+fn daemon_exit_code(daemon: &mut Daemon) -> i32 {
+    let status = daemon.wait_exit(LIMIT).expect("the daemon did not exit");
+    status.code().expect("the daemon was killed by a signal")
+}
+
 fn make_image(dir: &Path, name: &str) -> PathBuf {
     let path = dir.join(name);
     let file = File::create(&path).unwrap();
@@ -159,24 +164,22 @@ fn qsd_command_line_starts_nodes_monitor_and_pidfile() {
 /// what `qemu-img info` (without `-U`) makes of the image meanwhile.
 fn qemu_img_info_while_served(binary: &Path, dir: &Path, image: &Path) -> (Option<i32>, String) {
     let qemu_img = find_tool("qemu-img", "qemu-utils");
-    let socket = dir.join("qmp.sock");
-    let chardev = format!("socket,id=m0,path={},server=on,wait=off", path_str(&socket));
     let file = format!("driver=file,node-name=f0,filename={}", path_str(image));
-    let mut child = spawn(
-        binary,
-        &[
-            "--chardev",
-            &chardev,
-            "--monitor",
-            "chardev=m0",
-            "--blockdev",
-            &file,
-            "--blockdev",
-            r#"{"driver":"raw","node-name":"r0","file":"f0"}"#,
-        ],
-        dir,
-    );
-    let mut qmp = connect(&socket);
+    // The monitor `m0` on `dir/qmp.sock` comes first, as it always has.
+    let args = [
+        "--blockdev",
+        &file,
+        "--blockdev",
+        r#"{"driver":"raw","node-name":"r0","file":"f0"}"#,
+    ];
+    let (mut child, mut qmp) = if binary == qsd_path() {
+        // Started again if its monitor does not answer (see `start_qsd`).
+        start_qsd(Some(dir), &args, Session::Negotiated).unwrap()
+    } else {
+        let mut daemon = Daemon::start_in(binary, dir, &args).unwrap();
+        let qmp = daemon.qmp().expect("negotiation failed");
+        (daemon, qmp)
+    };
     let info = run_to_exit(
         &qemu_img,
         &["info", "-f", "raw", "disk.img"],
@@ -186,7 +189,7 @@ fn qemu_img_info_while_served(binary: &Path, dir: &Path, image: &Path) -> (Optio
     )
     .unwrap();
     qmp.execute("quit", Value::Null).unwrap();
-    assert_eq!(exit_code(&mut child), 0);
+    assert_eq!(daemon_exit_code(&mut child), 0);
     (info.code(), info.stderr)
 }
 
@@ -583,7 +586,13 @@ fn bad_command_lines_fail_exactly_like_qsd() {
 fn pidfile_locked_by_a_running_qsd_fails_like_qsd() {
     let dir = tempdir();
     let pidfile = dir.path().join("qsd.pid");
-    let _qsd = Daemon::start(&qsd_path(), &["--pidfile", path_str(&pidfile)]).unwrap();
+    // Started again if its monitor does not answer (see `start_qsd`).
+    let _qsd = start_qsd(
+        None,
+        &["--pidfile", path_str(&pidfile)],
+        Session::Negotiated,
+    )
+    .unwrap();
     wait_pidfile(&pidfile);
     let args = [
         "--blockdev",

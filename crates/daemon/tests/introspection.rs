@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use serde_json::{json, Value};
-use testkit::{qsd_path, Daemon, Qmp};
+use testkit::{start_qsd, Daemon, Qmp, Session};
 
 fn blockd() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blockd"))
@@ -16,6 +16,12 @@ fn session(binary: &std::path::Path) -> (Daemon, Qmp) {
     let mut daemon = Daemon::start(binary, &[] as &[&str]).unwrap();
     let qmp = daemon.qmp().unwrap();
     (daemon, qmp)
+}
+
+/// A negotiated session with qemu-storage-daemon, started again if its
+/// monitor does not answer (see [`start_qsd`]).
+fn qsd_session() -> (Daemon, Qmp) {
+    start_qsd(None, &[] as &[&str], Session::Negotiated).unwrap()
 }
 
 fn command_names(qmp: &mut Qmp) -> BTreeSet<String> {
@@ -58,7 +64,7 @@ fn schema_lists_exactly_the_commands_query_commands_lists() {
 #[test]
 fn every_listed_command_exists_in_qsd() {
     let (_ours, mut qmp) = session(&blockd());
-    let (_theirs, mut qsd) = session(&qsd_path());
+    let (_theirs, mut qsd) = qsd_session();
     let ours = command_names(&mut qmp);
     let theirs = command_names(&mut qsd);
     let invented: Vec<&String> = ours.difference(&theirs).collect();
@@ -104,7 +110,7 @@ fn query_commands_run_without_arguments_succeed() {
 fn unimplemented_qsd_commands_are_not_found() {
     let (_daemon, mut qmp) = session(&blockd());
     let commands = command_names(&mut qmp);
-    let (_qsd, mut qsd) = session(&qsd_path());
+    let (_qsd, mut qsd) = qsd_session();
     let qsd_commands = command_names(&mut qsd);
     for name in [
         "block-commit",

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 use testkit::proc::{ChildGuard, RawConn};
-use testkit::{qsd_path, Daemon, Qmp};
+use testkit::{probe_monitor, qsd_path, start_qsd_checked, Daemon, Qmp, Session};
 
 /// Generous limit for anything that should happen promptly.
 const LIMIT: Duration = Duration::from_secs(20);
@@ -344,14 +344,22 @@ fn pretty_transcript(binary: &Path) -> Vec<String> {
     let dir = tempdir();
     let socket = dir.path().join("pretty.sock");
     let chardev = format!("socket,id=p0,path={},server=on,wait=off", path_str(&socket));
-    let mut daemon = Daemon::start_in(
-        binary,
-        dir.path(),
-        &["--chardev", &chardev, "--monitor", "chardev=p0,pretty=on"],
-    )
-    .unwrap();
+    let args = ["--chardev", &chardev, "--monitor", "chardev=p0,pretty=on"];
     // The default monitor proves start-up is done; the pretty one listens by then.
-    drop(daemon.connect().unwrap());
+    let _daemon = if binary == qsd_path() {
+        // Started again until both monitors answer (see `start_qsd`).
+        let (daemon, qmp) =
+            start_qsd_checked(Some(dir.path()), &args, Session::Negotiating, |_| {
+                probe_monitor(&socket, Duration::from_secs(5))
+            })
+            .unwrap();
+        drop(qmp);
+        daemon
+    } else {
+        let mut daemon = Daemon::start_in(binary, dir.path(), &args).unwrap();
+        drop(daemon.connect().unwrap());
+        daemon
+    };
     let stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
     let mut conn = RawConn::new(stream, LIMIT);
     let mut transcript = vec![mask_package(&conn.read_pretty().unwrap())];

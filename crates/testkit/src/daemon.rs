@@ -10,10 +10,33 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
-use crate::qmp::Qmp;
+use crate::proc::RawConn;
+use crate::qmp::{Qmp, READ_TIMEOUT};
 
 /// How long a daemon may take to create its QMP socket.
 pub const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How often [`start_qsd`] starts qemu-storage-daemon before giving up.
+pub const QSD_ATTEMPTS: usize = 3;
+
+/// How long a freshly started qemu-storage-daemon may take to send its greeting
+/// and to answer the probe (except on the last attempt, which gets
+/// [`READ_TIMEOUT`] so that a merely slow daemon still passes).
+pub const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The state in which [`start_qsd`] leaves the monitor connection it returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Session {
+    /// Capabilities negotiated with `qmp_capabilities` (which is the probe).
+    Negotiated,
+    /// Still in negotiation mode; the probe is a command QSD refuses there
+    /// (`CommandNotFound`), which changes no state.
+    Negotiating,
+}
+
+/// A request every QMP monitor answers with an error in either mode and
+/// without side effects.
+const NEGOTIATING_PROBE: &str = r#"{"execute":"testkit-probe","id":"testkit-probe"}"#;
 
 /// Finds `tool` in `PATH`; panics naming the package to install when missing.
 pub fn find_tool(tool: &str, package: &str) -> PathBuf {
@@ -235,6 +258,130 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Starts qemu-storage-daemon like [`Daemon::start`] (in a fresh temporary
+/// directory) or [`Daemon::start_in`] (in `dir`), with the same arguments,
+/// and returns it with a connection to its `qmp.sock` monitor that is known to
+/// be served: the greeting has been read and a probe request answered (see
+/// [`Session`]).
+///
+/// qemu-storage-daemon 10.0.2 occasionally never serves a monitor connection
+/// made right after its socket appears: its monitor I/O thread ends up blocked
+/// in `accept` on the listening socket after another thread took the client,
+/// so the greeting may arrive but no request is ever answered. A daemon whose
+/// monitor does not answer within [`PROBE_TIMEOUT`] is therefore killed and
+/// started again, up to [`QSD_ATTEMPTS`] times.
+///
+/// Only the reference daemon gets this: blockd is started with
+/// [`Daemon::start`] and a blockd that stops answering fails the test.
+pub fn start_qsd<S: AsRef<std::ffi::OsStr>>(
+    dir: Option<&Path>,
+    extra_args: &[S],
+    session: Session,
+) -> Result<(Daemon, Qmp)> {
+    start_qsd_checked(dir, extra_args, session, |_| Ok(()))
+}
+
+/// Like [`start_qsd`], and `check` (given the daemon after the probe) must
+/// succeed too, or the daemon is started again; use it to probe further
+/// monitors with [`probe_monitor`].
+pub fn start_qsd_checked<S: AsRef<std::ffi::OsStr>>(
+    dir: Option<&Path>,
+    extra_args: &[S],
+    session: Session,
+    check: impl FnMut(&mut Daemon) -> Result<()>,
+) -> Result<(Daemon, Qmp)> {
+    start_retrying(&qsd_path(), dir, extra_args, session, check)
+}
+
+/// [`start_qsd_checked`] for a given qemu-storage-daemon binary.
+pub(crate) fn start_retrying<S: AsRef<std::ffi::OsStr>>(
+    qsd: &Path,
+    dir: Option<&Path>,
+    extra_args: &[S],
+    session: Session,
+    mut check: impl FnMut(&mut Daemon) -> Result<()>,
+) -> Result<(Daemon, Qmp)> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let last = attempt >= QSD_ATTEMPTS;
+        let timeout = if last { READ_TIMEOUT } else { PROBE_TIMEOUT };
+        let mut daemon = match dir {
+            Some(dir) => {
+                if attempt > 1 {
+                    // The killed earlier attempt left its socket file behind.
+                    let _ = std::fs::remove_file(dir.join("qmp.sock"));
+                }
+                Daemon::start_in(qsd, dir, extra_args)?
+            }
+            None => Daemon::start(qsd, extra_args)?,
+        };
+        let served = probe_qsd(&mut daemon, session, timeout)
+            .and_then(|qmp| check(&mut daemon).map(|()| qmp));
+        match served {
+            Ok(qmp) => return Ok((daemon, qmp)),
+            Err(err) => {
+                let stderr = daemon.stderr();
+                daemon.kill();
+                if last {
+                    return Err(err.context(format!(
+                        "qemu-storage-daemon did not serve its monitor in {attempt} attempts; \
+                         stderr: {stderr}"
+                    )));
+                }
+                eprintln!(
+                    "qemu-storage-daemon did not serve its monitor ({err:#}); starting it again"
+                );
+            }
+        }
+    }
+}
+
+/// Connects to the daemon's monitor, reads the greeting and has the probe
+/// answered, every read within `timeout`.
+fn probe_qsd(daemon: &mut Daemon, session: Session, timeout: Duration) -> Result<Qmp> {
+    let stream = daemon.connect_stream(START_TIMEOUT)?;
+    let mut qmp = Qmp::from_stream_timeout(stream, timeout)?;
+    match session {
+        Session::Negotiated => {
+            qmp.try_execute("qmp_capabilities", serde_json::json!({}))?
+                .map_err(anyhow::Error::from)
+                .context("qmp_capabilities failed")?;
+        }
+        Session::Negotiating => {
+            qmp.send_raw(NEGOTIATING_PROBE.as_bytes())?;
+            let reply = qmp.read_reply()?;
+            if reply["error"]["class"] != "CommandNotFound" {
+                bail!("unexpected reply to the probe: {reply}");
+            }
+        }
+    }
+    if !qmp.take_events().is_empty() {
+        bail!("events before the probe's reply");
+    }
+    qmp.set_timeout(READ_TIMEOUT);
+    Ok(qmp)
+}
+
+/// Checks that the monitor listening at `socket` (compact or `pretty=on`)
+/// serves a connection: connects, reads the greeting, has a request refused
+/// (in negotiation mode, which it stays in) and disconnects, every read
+/// within `timeout`. The monitor then accepts the next client as usual.
+pub fn probe_monitor(socket: &Path, timeout: Duration) -> Result<()> {
+    let stream = UnixStream::connect(socket)
+        .with_context(|| format!("cannot connect to {}", socket.display()))?;
+    let mut conn = RawConn::new(stream, timeout);
+    conn.read_message().context("no greeting")?;
+    conn.send(NEGOTIATING_PROBE.as_bytes())?;
+    let reply = conn.read_message().context("no reply to the probe")?;
+    let reply: serde_json::Value =
+        serde_json::from_slice(&reply).context("the probe's reply is not JSON")?;
+    if reply["error"]["class"] != "CommandNotFound" {
+        bail!("unexpected reply to the probe: {reply}");
+    }
+    Ok(())
 }
 
 impl Drop for Daemon {

@@ -8,5 +8,7 @@ pub mod proc;
 pub mod qmp;
 pub mod scenario;
 
-pub use daemon::{find_tool, qsd_path, Daemon};
+pub use daemon::{
+    find_tool, probe_monitor, qsd_path, start_qsd, start_qsd_checked, Daemon, Session,
+};
 pub use qmp::{Message, Qmp, QmpErrorReply};

@@ -222,6 +222,16 @@ impl<S: TimeoutStream> RawConn<S> {
         }
     }
 
+    /// Like [`RawConn::new`], with `buffered` bytes already read from `stream`
+    /// coming first.
+    pub fn with_buffered(stream: S, buffered: Vec<u8>, timeout: Duration) -> Self {
+        Self {
+            stream,
+            buf: buffered,
+            timeout,
+        }
+    }
+
     /// The underlying stream.
     pub fn stream(&self) -> &S {
         &self.stream
@@ -281,6 +291,18 @@ impl<S: TimeoutStream> RawConn<S> {
         let line = self.read_line()?;
         serde_json::from_slice(&line)
             .with_context(|| format!("not JSON: {:?}", String::from_utf8_lossy(&line)))
+    }
+
+    /// One message, compact or pretty-printed: bytes up to and including the
+    /// first line end at which they form a JSON value.
+    pub fn read_message(&mut self) -> Result<Vec<u8>> {
+        self.read_until(|buf| {
+            buf.iter()
+                .enumerate()
+                .filter(|&(_, &b)| b == b'\n')
+                .map(|(at, _)| at + 1)
+                .find(|&len| serde_json::from_slice::<serde_json::Value>(&buf[..len]).is_ok())
+        })
     }
 
     /// One pretty-printed message: bytes up to and including the line `}\r\n`

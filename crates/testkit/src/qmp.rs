@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::proc::RawConn;
+
 /// Default time to wait for one message.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -69,13 +71,19 @@ impl Qmp {
 
     /// Wraps a connected stream and reads the greeting.
     pub fn from_stream(stream: UnixStream) -> Result<Self> {
+        Self::from_stream_timeout(stream, READ_TIMEOUT)
+    }
+
+    /// Like [`Qmp::from_stream`], every read (the greeting's included) waiting
+    /// at most `timeout`.
+    pub fn from_stream_timeout(stream: UnixStream, timeout: Duration) -> Result<Self> {
         let writer = stream.try_clone().context("cannot clone socket")?;
         let mut qmp = Self {
             reader: BufReader::new(stream),
             writer,
             greeting: Value::Null,
             events: VecDeque::new(),
-            timeout: READ_TIMEOUT,
+            timeout,
         };
         let greeting = qmp
             .read_raw()?
@@ -193,12 +201,17 @@ impl Qmp {
                     ) =>
                 {
                     // A partial line keeps the reader going until the deadline.
-                    if buf.is_empty() || Instant::now() >= deadline {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if buf.is_empty() || left.is_zero() {
                         return Err(anyhow::Error::new(err).context(format!(
                             "no QMP message within {timeout:?} (partial: {:?})",
                             String::from_utf8_lossy(&buf)
                         )));
                     }
+                    self.reader
+                        .get_ref()
+                        .set_read_timeout(Some(left))
+                        .context("cannot set read timeout")?;
                 }
                 Err(err) => return Err(err).context("cannot read from QMP socket"),
             }
@@ -207,6 +220,14 @@ impl Qmp {
         let value: Value = serde_json::from_str(line.trim_end())
             .with_context(|| format!("QMP message is not JSON: {line:?}"))?;
         Ok(Some(Message { line, value }))
+    }
+
+    /// Turns this into a raw connection (for byte-exact reads) whose reads
+    /// wait at most `timeout`; bytes read but not yet consumed come first.
+    /// Buffered events are dropped.
+    pub fn into_raw(self, timeout: Duration) -> RawConn<UnixStream> {
+        let buffered = self.reader.buffer().to_vec();
+        RawConn::with_buffered(self.reader.into_inner(), buffered, timeout)
     }
 
     /// Takes all buffered events.

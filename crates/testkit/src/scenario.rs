@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::{json, Value};
 
-use crate::daemon::{find_tool, Daemon};
+use crate::daemon::{find_tool, start_retrying, Daemon, Session};
 use crate::qmp::{is_timeout, Qmp};
 
 /// Placeholder for the daemon's working directory in scenario files and in
@@ -236,6 +236,12 @@ struct Runner<'a> {
 
 /// Replays `scenario` against `binary` in a fresh temporary directory.
 pub fn run(scenario: &Scenario, binary: &Path) -> Result<Transcript> {
+    run_on(scenario, binary, false)
+}
+
+/// [`run`]; a `reference` daemon is started with [`start_retrying`], so
+/// that the replay begins on a monitor known to be served.
+fn run_on(scenario: &Scenario, binary: &Path, reference: bool) -> Result<Transcript> {
     let tempdir = tempfile::Builder::new()
         .prefix("scenario-")
         .tempdir()
@@ -253,8 +259,20 @@ pub fn run(scenario: &Scenario, binary: &Path) -> Result<Transcript> {
         .iter()
         .map(|a| a.replace(DIR_VAR, &dir))
         .collect();
-    let mut daemon = Daemon::start_in(binary, tempdir.path(), &args)?;
-    let mut qmp = daemon.connect()?;
+    let (daemon, mut qmp) = if reference {
+        // The probe is refused in negotiation mode and changes nothing.
+        start_retrying(
+            binary,
+            Some(tempdir.path()),
+            &args,
+            Session::Negotiating,
+            |_| Ok(()),
+        )?
+    } else {
+        let mut daemon = Daemon::start_in(binary, tempdir.path(), &args)?;
+        let qmp = daemon.connect()?;
+        (daemon, qmp)
+    };
     qmp.set_timeout(scenario.reply_timeout);
     let mut runner = Runner {
         scenario,
@@ -758,13 +776,14 @@ const REFERENCE_ATTEMPTS: usize = 3;
 /// Runs the scenario against the reference daemon. qemu-storage-daemon 10.0.2
 /// occasionally stops serving a freshly accepted monitor connection (its monitor
 /// thread blocks in `accept` on the listening socket while the main loop took the
-/// client), so a reference run in which the daemon stopped answering is repeated.
-/// The candidate gets no such second chance.
+/// client): the daemon is started until its monitor answers a probe (see
+/// [`start_retrying`]), and a reference run in which the daemon stopped answering
+/// all the same is repeated. The candidate gets no such second chance.
 fn run_reference(scenario: &Scenario, reference: &Path) -> Transcript {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match run(scenario, reference) {
+        match run_on(scenario, reference, true) {
             Ok(t) if attempt >= REFERENCE_ATTEMPTS || !t.has_unanswered_request() => return t,
             Err(e) if attempt >= REFERENCE_ATTEMPTS => {
                 panic!("{}: {}: {e:#}", scenario.name, reference.display())
