@@ -52,20 +52,23 @@ impl Counter {
         self.report.messages.push(format!("ERROR {msg}"));
     }
 
-    /// Count one reference to every cluster of host bytes `off..off + len`.
+    /// Count one reference to every cluster of host bytes `off..off + len`. A range that runs
+    /// past the image's end is one corruption, however far it runs (offsets come from the file).
     fn add(&mut self, what: &str, off: u64, len: u64) {
         if len == 0 {
             return;
         }
-        let (first, last) = (
-            off >> self.cluster_bits,
-            (off + len - 1) >> self.cluster_bits,
-        );
-        for c in first..=last {
-            match usize::try_from(c).ok().and_then(|i| self.refs.get_mut(i)) {
-                Some(r) => *r = r.saturating_add(1),
-                None => self.corrupt(format!("{what} cluster {c} is past the end of the image")),
+        let first = off >> self.cluster_bits;
+        let last = off.saturating_add(len - 1) >> self.cluster_bits;
+        let n = self.refs.len() as u64;
+        for c in first..=last.min(n.saturating_sub(1)) {
+            if let Some(r) = usize::try_from(c).ok().and_then(|i| self.refs.get_mut(i)) {
+                *r = r.saturating_add(1);
             }
+        }
+        if last >= n {
+            let c = first.max(n);
+            self.corrupt(format!("{what} cluster {c} is past the end of the image"));
         }
     }
 }
@@ -363,5 +366,36 @@ impl Image {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use crate::{create, CreateOptions, Header, Image, MemStorage, OpenOptions, Storage};
+
+    /// Found by the `qcow2_open` fuzz target: a refcount table entry of 0xffff_ffff_ffff_fe00
+    /// overflowed the end of the block's range while counting it.
+    #[tokio::test]
+    async fn refcount_block_at_the_top_of_the_address_space_is_one_corruption() {
+        let st = MemStorage::new();
+        let opts = CreateOptions {
+            cluster_size: 512,
+            ..CreateOptions::new(64 << 10)
+        };
+        create(Arc::new(st.clone()), None, &opts).await.unwrap();
+        let mut bytes = st.to_bytes();
+        let h = Header::parse(&bytes).unwrap();
+        let at = h.refcount_table_offset as usize + 8;
+        bytes[at..at + 8].copy_from_slice(&0xffff_ffff_ffff_fe00u64.to_be_bytes());
+        let file: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(bytes));
+        let ro = OpenOptions {
+            read_only: true,
+            ..OpenOptions::default()
+        };
+        let image = Image::open(file, ro).await.unwrap();
+        let report = image.check().await.unwrap();
+        assert_eq!(report.corruptions, 1, "{:?}", report.messages);
     }
 }
