@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use std::io::Read as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
@@ -292,41 +292,6 @@ fn table(rows: &[Row]) -> String {
     out
 }
 
-/// `YYYY-MM-DD` (UTC) from the system clock.
-fn today() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
-fn machine() -> String {
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_or_else(|_| "unknown".into(), |k| k.trim().to_string());
-    format!("{nproc} CPUs ({cpu}), Linux {kernel}")
-}
-
 fn version_line(binary: &Path) -> String {
     std::process::Command::new(binary)
         .arg("--version")
@@ -348,8 +313,8 @@ fn report(table: &str, opts: &Options) -> String {
          - method: `cargo run --release -p bench -- --rounds {r} --starts {s} --requests {n}`; \
          {r} interleaved rounds, each starting both daemons {s} times, then measuring idle \
          RSS and {n} round trips (nodes: file, raw, null-co, null-co)\n\n{}{END_MARK}\n",
-        today(),
-        machine(),
+        bench::today(),
+        bench::machine(),
         version_line(&opts.qsd),
         version_line(&opts.blockd),
         table,
@@ -360,20 +325,7 @@ fn report(table: &str, opts: &Options) -> String {
 }
 
 fn write_out(path: &Path, section: &str) -> Result<()> {
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let new = match (old.find(START_MARK), old.find(END_MARK)) {
-        (Some(start), Some(end)) if start < end => {
-            let end = end + END_MARK.len();
-            let rest = old[end..].strip_prefix('\n').unwrap_or(&old[end..]);
-            format!("{}{section}{rest}", &old[..start])
-        }
-        _ if old.trim().is_empty() => format!(
-            "# Benchmarks\n\nWritten by `blockd-bench` (crates/bench); timings are \
-             informative only and never asserted.\n\n{section}"
-        ),
-        _ => format!("{old}\n{section}"),
-    };
-    std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+    bench::write_section(path, START_MARK, END_MARK, section)
 }
 
 fn main() -> Result<()> {

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use block::{Backend, BlockGraph, BlockdevOptions, Perm, WriteFlags};
@@ -337,41 +337,6 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-/// `YYYY-MM-DD` (UTC) from the system clock.
-fn today() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let days = (secs / 86_400) as i64;
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}")
-}
-
-fn machine() -> String {
-    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map_or_else(|_| "unknown".into(), |k| k.trim().to_string());
-    format!("{nproc} CPUs ({cpu}), Linux {kernel}")
-}
-
 fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
@@ -379,16 +344,7 @@ fn loadavg() -> String {
 }
 
 fn write_out(path: &Path, section: &str) -> Result<()> {
-    let old = std::fs::read_to_string(path).unwrap_or_default();
-    let new = match (old.find(START_MARK), old.find(END_MARK)) {
-        (Some(start), Some(end)) if start < end => {
-            let end = end + END_MARK.len();
-            let rest = old[end..].strip_prefix('\n').unwrap_or(&old[end..]);
-            format!("{}{section}{rest}", &old[..start])
-        }
-        _ => format!("{}\n{section}", old.trim_end()),
-    };
-    std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
+    bench::write_section(path, START_MARK, END_MARK, section)
 }
 
 fn main() -> Result<()> {
@@ -519,8 +475,8 @@ fn main() -> Result<()> {
              runtime plus its blocking pool, as the daemon runs\n\
              - round 1 checks blockd's images with `qemu-img check` and `qemu-img compare` \
              against QEMU's\n\n{table}{END_MARK}\n",
-            today(),
-            machine(),
+            bench::today(),
+            bench::machine(),
             loads[0],
             loads[1],
             r = opts.rounds,
