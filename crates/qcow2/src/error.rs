@@ -57,6 +57,9 @@ pub enum Error {
     /// Metadata found inconsistent while doing I/O.
     #[error("image is corrupt: {0}")]
     Corrupt(String),
+    /// A write met corrupt metadata; the image is now marked corrupt and refuses writes.
+    #[error("Marking image as corrupt: {0}; further corruption events will be suppressed")]
+    MarkedCorrupt(String),
     /// A write to a read-only image.
     #[error("image is opened read-only")]
     ReadOnly,

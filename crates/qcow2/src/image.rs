@@ -6,7 +6,7 @@
 //! offset. The dirty bit is set (synced) before the first metadata update when lazy refcounts
 //! are on, and cleared by [`Image::close`] after everything is flushed.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
@@ -81,6 +81,8 @@ pub struct Image {
     pub(crate) lazy: bool,
     pub(crate) size: AtomicU64,
     pub(crate) meta: Mutex<Meta>,
+    /// A write found corrupt metadata and marked the image corrupt: writes are refused.
+    pub(crate) corrupt: AtomicBool,
 }
 
 impl std::fmt::Debug for Image {
@@ -206,6 +208,7 @@ impl Image {
             read_only: opts.read_only,
             lazy,
             size: AtomicU64::new(header.size),
+            corrupt: AtomicBool::new(false),
             meta: Mutex::new(Meta {
                 l1: words_from_be(&raw_l1),
                 l2: L2Cache::new(usize::try_from(l2_tables).unwrap_or(usize::MAX)),
@@ -314,6 +317,43 @@ impl Image {
         Ok(())
     }
 
+    /// After a write request: corrupt metadata it met marks the image corrupt (the header's
+    /// corrupt bit, synced), and every later write is refused, as QEMU does.
+    pub(crate) async fn settle<T>(&self, meta: &mut Meta, r: Result<T>) -> Result<T> {
+        let msg = match r {
+            Err(Error::Corrupt(msg)) if !self.corrupt.load(Ordering::Acquire) => msg,
+            other => return other,
+        };
+        self.corrupt.store(true, Ordering::Release);
+        meta.header.incompatible_features |= incompat::CORRUPT;
+        let v = meta.header.incompatible_features;
+        self.file
+            .write_at(HEADER_INCOMPAT, &v.to_be_bytes())
+            .await
+            .ctx("cannot write the image header")?;
+        self.file.flush().await.ctx("cannot flush the image")?;
+        Err(Error::MarkedCorrupt(msg))
+    }
+
+    /// Where `off..off + len` is about to be written in place: refuse it when it overlaps
+    /// metadata (header, L1 table, refcount table or a refcount block).
+    pub(crate) fn check_overlap(&self, meta: &Meta, what: &str, off: u64, len: u64) -> Result<()> {
+        let hit = meta.rc.overlaps_protected(off, len).or_else(|| {
+            let cs = self.geo.cluster_size();
+            let first = off / cs * cs;
+            (first..off.saturating_add(len))
+                .step_by(cs as usize)
+                .any(|c| meta.rc.is_block(c))
+                .then_some("refcount block")
+        });
+        match hit {
+            Some(m) => Err(Error::Corrupt(format!(
+                "Preventing invalid write on metadata ({what} at {off:#x} overlaps with {m})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Flush the refcount updates a following metadata write depends on (skipped with lazy
     /// refcounts: the dirty bit covers them).
     pub(crate) async fn order_barrier(&self) -> Result<()> {
@@ -352,6 +392,16 @@ impl Meta {
         if off >= MAX_HOST_OFFSET {
             return Err(Error::Corrupt(format!(
                 "L2 table offset {off:#x} is too large"
+            )));
+        }
+        let file_len = file.len().await.ctx("cannot get the image size")?;
+        let end = file_len
+            .div_ceil(cs)
+            .max(self.rc.alloc_end)
+            .saturating_mul(cs);
+        if off >= end {
+            return Err(Error::Corrupt(format!(
+                "L2 table offset {off:#x} lies past the end of the image file ({file_len:#x})"
             )));
         }
         let mut raw = vec![0u8; cs as usize];

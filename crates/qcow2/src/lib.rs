@@ -44,3 +44,5 @@ pub use header::{autoclear, compat, incompat, CompressionType, Header};
 pub use image::{Image, OpenOptions, DEFAULT_L2_CACHE_BYTES};
 pub use read::{BlockKind, BlockStatus};
 pub use storage::{Backing, FileStorage, MemStorage, Storage};
+#[cfg(test)]
+mod hostile_tests;

@@ -21,6 +21,9 @@ pub const REFT_OFFSET_MASK: u64 = 0xffff_ffff_ffff_fe00;
 const HEADER_REFTABLE_FIELD: u64 = 48;
 /// Most refcount blocks kept in memory.
 const BLOCK_CACHE_MAX: usize = 256;
+/// Most refcount entries one free-cluster search looks at before it gives up on the used area
+/// and appends at the end of the image (a hostile image can claim terabytes are in use).
+pub(crate) const SCAN_BUDGET: u64 = 1 << 16;
 
 /// The refcount structures of an open image.
 #[derive(Debug)]
@@ -39,6 +42,8 @@ pub(crate) struct Refcounts {
     pub alloc_end: u64,
     /// Host clusters that reads mapped and still use: never handed out, even when free.
     pub pins: Arc<Pins>,
+    /// Refcount entries the free-cluster searches looked at (their work, for tests).
+    pub scanned: u64,
 }
 
 impl Refcounts {
@@ -66,6 +71,7 @@ impl Refcounts {
             protected: Vec::new(),
             alloc_end: 0,
             pins: Arc::default(),
+            scanned: 0,
         })
     }
 
@@ -151,6 +157,12 @@ impl Refcounts {
         cluster: u64,
         value: u64,
     ) -> Result<()> {
+        if let Some(what) = self.overlaps_protected(block_off, self.cluster_size()) {
+            return Err(Error::Corrupt(format!(
+                "Preventing invalid write on metadata (refcount block at {block_off:#x} \
+                 overlaps with {what})"
+            )));
+        }
         let per = self.block_entries();
         let order = self.order;
         let idx = cluster % per;
@@ -197,28 +209,101 @@ impl Refcounts {
         off == 0 || self.protected.iter().any(|(s, e)| off >= *s && off < *e)
     }
 
-    /// Find `n` contiguous free clusters at or after the hint (no refcounts changed).
+    /// Which protected metadata (header, L1 table, refcount table) `off..off + len` overlaps.
+    pub fn overlaps_protected(&self, off: u64, len: u64) -> Option<&'static str> {
+        let end = off.saturating_add(len);
+        if off < self.cluster_size() {
+            return Some("qcow2_header");
+        }
+        if off < self.table_offset + u64::from(self.table_clusters) * self.cluster_size()
+            && end > self.table_offset
+        {
+            return Some("refcount table");
+        }
+        self.protected
+            .iter()
+            .any(|(s, e)| off < *e && end > *s)
+            .then_some("active L1 table")
+    }
+
+    /// Whether the refcount table points at a block at host offset `off`.
+    pub fn is_block(&self, off: u64) -> bool {
+        off != 0 && self.table.iter().any(|e| e & REFT_OFFSET_MASK == off)
+    }
+
+    /// Find `n` contiguous free clusters at or after the hint (no refcounts changed). The
+    /// search looks at most [`SCAN_BUDGET`] entries from the hint, moving the hint past the
+    /// used clusters it saw; when that finds nothing it appends after the end of the image
+    /// (and of everything allocated since open), where a refcount claiming use can only be a
+    /// leak, and the hint moves there.
     async fn find_free(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
-        let mut start = self.free_hint.max(1);
+        let cs = self.cluster_size();
+        let file_end = file
+            .len()
+            .await
+            .ctx("cannot get the image size")?
+            .div_ceil(cs);
+        let end = file_end.max(self.alloc_end).max(1);
+        let from = self.free_hint.max(1);
+        if from < end {
+            if let Some(c) = self.scan(file, from, end, n, false).await? {
+                return Ok(c);
+            }
+        }
+        let at = from.max(end);
+        let c = self
+            .scan(file, at, u64::MAX, n, true)
+            .await?
+            .ok_or_else(|| Error::Unsupported("no free cluster found in the image".into()))?;
+        if end.saturating_sub(from) > SCAN_BUDGET {
+            // The used area was too long to search: later searches start here. A pinned free
+            // cluster in a searched area keeps the hint below it instead.
+            self.free_hint = c;
+        }
+        Ok(c)
+    }
+
+    /// Look for `n` free clusters from cluster `from` up to `limit`, at most [`SCAN_BUDGET`]
+    /// entries. `past_end`: refcounts do not matter (the clusters lie past everything in use).
+    async fn scan(
+        &mut self,
+        file: &dyn Storage,
+        from: u64,
+        limit: u64,
+        n: u64,
+        past_end: bool,
+    ) -> Result<Option<u64>> {
+        let mut start = from;
         let mut run = 0;
-        let mut c = start;
-        loop {
+        let mut used_prefix = !past_end && from == self.free_hint.max(1);
+        for c in from..from.saturating_add(SCAN_BUDGET).min(limit) {
             if (c + 1) << self.cluster_bits > MAX_HOST_OFFSET {
                 return Err(Error::Unsupported("image is full".into()));
             }
-            if self.get(file, c).await? == 0 && !self.is_protected(c) && !self.pins.is_pinned(c) {
+            self.scanned += 1;
+            let blocked = self.is_protected(c) || self.pins.is_pinned(c);
+            let used = !past_end && !blocked && self.get(file, c).await? != 0;
+            if !blocked && !used {
                 if run == 0 {
                     start = c;
                 }
                 run += 1;
                 if run == n {
-                    return Ok(start);
+                    return Ok(Some(start));
                 }
             } else {
                 run = 0;
             }
-            c += 1;
+            if used_prefix {
+                if used || self.is_protected(c) {
+                    // Everything up to here is in use: later searches start after it.
+                    self.free_hint = c + 1;
+                } else {
+                    used_prefix = false;
+                }
+            }
         }
+        Ok(None)
     }
 
     /// Allocate `n` contiguous clusters with refcount 1 and return the first host offset.

@@ -31,6 +31,11 @@ impl Image {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
+        if self.corrupt.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Error::Corrupt(
+                "image is marked corrupt; writes are refused".into(),
+            ));
+        }
         Ok(())
     }
 
@@ -46,17 +51,21 @@ impl Image {
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.geo.cluster_size();
         let mut meta = self.meta.lock().await;
-        self.mark_dirty(&mut meta).await?;
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let a = pos % cs;
-            let n = ((cs - a) as usize).min(buf.len() - done);
-            self.write_cluster(&mut meta, pos / cs, a, &buf[done..done + n], backing)
-                .await?;
-            done += n;
+        let r = async {
+            self.mark_dirty(&mut meta).await?;
+            let mut done = 0usize;
+            while done < buf.len() {
+                let pos = offset + done as u64;
+                let a = pos % cs;
+                let n = ((cs - a) as usize).min(buf.len() - done);
+                self.write_cluster(&mut meta, pos / cs, a, &buf[done..done + n], backing)
+                    .await?;
+                done += n;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        self.settle(&mut meta, r).await
     }
 
     /// The guest contents of cluster `gc` bytes `a..b` as the entry `e` describes them.
@@ -157,6 +166,9 @@ impl Image {
         };
         let copied_old = ra < a || rb > b;
         let host = if in_place {
+            if !self.geo.data_file {
+                self.check_overlap(meta, "data cluster", old_host, cs)?;
+            }
             old_host
         } else if self.geo.data_file {
             gc * cs
@@ -253,8 +265,11 @@ impl Image {
             .and_then(|i| meta.l1.get(i).copied())
             .ok_or_else(|| Error::Corrupt(format!("L1 table has no entry {l1i}")))?;
         let old = meta.l2_offset(l1i, cs)?;
-        if old.is_some() && entry & COPIED != 0 {
-            return Ok((old.unwrap_or(0), idx));
+        if let (Some(off), true) = (old, entry & COPIED != 0) {
+            // Written in place: it must be a real L2 table in the file, not other metadata.
+            meta.l2_table(self.file.as_ref(), off, cs).await?;
+            self.check_overlap(meta, "L2 table", off, cs)?;
+            return Ok((off, idx));
         }
         let table = match old {
             Some(off) => meta.l2_table(self.file.as_ref(), off, cs).await?.to_vec(),
@@ -303,34 +318,38 @@ impl Image {
         let cs = self.geo.cluster_size();
         let scs = self.geo.subcluster_size();
         let mut meta = self.meta.lock().await;
-        self.mark_dirty(&mut meta).await?;
-        let end = offset + len;
-        let mut pos = offset;
-        while pos < end {
-            let gc = pos / cs;
-            let a = pos % cs;
-            let b = (cs.min(end - gc * cs)).max(a);
-            // Whole subclusters inside a..b go through the entry; the edges get zero data.
-            let (za, zb) = (a.div_ceil(scs) * scs, b / scs * scs);
-            let by_flag = za < zb
-                && self
-                    .zero_by_flag(&mut meta, gc, za, zb, unmap, backing)
-                    .await?;
-            let parts: &[(u64, u64)] = if by_flag {
-                &[(a, za), (zb, b)]
-            } else {
-                &[(a, b)]
-            };
-            for &(x, y) in parts {
-                if x < y {
-                    let zeros = vec![0u8; (y - x) as usize];
-                    self.write_cluster(&mut meta, gc, x, &zeros, backing)
+        let r = async {
+            self.mark_dirty(&mut meta).await?;
+            let end = offset + len;
+            let mut pos = offset;
+            while pos < end {
+                let gc = pos / cs;
+                let a = pos % cs;
+                let b = (cs.min(end - gc * cs)).max(a);
+                // Whole subclusters inside a..b go through the entry; the edges get zero data.
+                let (za, zb) = (a.div_ceil(scs) * scs, b / scs * scs);
+                let by_flag = za < zb
+                    && self
+                        .zero_by_flag(&mut meta, gc, za, zb, unmap, backing)
                         .await?;
+                let parts: &[(u64, u64)] = if by_flag {
+                    &[(a, za), (zb, b)]
+                } else {
+                    &[(a, b)]
+                };
+                for &(x, y) in parts {
+                    if x < y {
+                        let zeros = vec![0u8; (y - x) as usize];
+                        self.write_cluster(&mut meta, gc, x, &zeros, backing)
+                            .await?;
+                    }
                 }
+                pos = gc * cs + b;
             }
-            pos = gc * cs + b;
+            Ok(())
         }
-        Ok(())
+        .await;
+        self.settle(&mut meta, r).await
     }
 
     /// Zero whole subclusters `a..b` of cluster `gc` through its L2 entry; `false` when the
@@ -415,35 +434,39 @@ impl Image {
         self.check_range(offset, len)?;
         let cs = self.geo.cluster_size();
         let mut meta = self.meta.lock().await;
-        self.mark_dirty(&mut meta).await?;
-        let (first, end) = (offset.div_ceil(cs), (offset + len) / cs);
-        let end = if offset + len == self.size() {
-            (offset + len).div_ceil(cs)
-        } else {
-            end
-        };
-        for gc in first..end {
-            let e = self.entry_of(&mut meta, gc).await?;
-            let unallocated = e.word == 0 && e.bitmap == 0;
-            if unallocated && (!has_backing || meta.header.version < 3) {
-                continue;
-            }
-            let new = if meta.header.version < 3 {
-                L2Entry::default()
-            } else if self.geo.extended {
-                L2Entry {
-                    word: 0,
-                    bitmap: ALL_ZERO_BITMAP,
-                }
+        let r = async {
+            self.mark_dirty(&mut meta).await?;
+            let (first, end) = (offset.div_ceil(cs), (offset + len) / cs);
+            let end = if offset + len == self.size() {
+                (offset + len).div_ceil(cs)
             } else {
-                L2Entry {
-                    word: ZERO_FLAG,
-                    bitmap: 0,
-                }
+                end
             };
-            self.replace_entry(&mut meta, gc, e, new).await?;
+            for gc in first..end {
+                let e = self.entry_of(&mut meta, gc).await?;
+                let unallocated = e.word == 0 && e.bitmap == 0;
+                if unallocated && (!has_backing || meta.header.version < 3) {
+                    continue;
+                }
+                let new = if meta.header.version < 3 {
+                    L2Entry::default()
+                } else if self.geo.extended {
+                    L2Entry {
+                        word: 0,
+                        bitmap: ALL_ZERO_BITMAP,
+                    }
+                } else {
+                    L2Entry {
+                        word: ZERO_FLAG,
+                        bitmap: 0,
+                    }
+                };
+                self.replace_entry(&mut meta, gc, e, new).await?;
+            }
+            Ok(())
         }
-        Ok(())
+        .await;
+        self.settle(&mut meta, r).await
     }
 
     /// Grow the virtual disk to `new_size` bytes (shrinking is refused).
@@ -540,31 +563,35 @@ impl Image {
             return self.write(offset, buf, None).await;
         };
         let mut meta = self.meta.lock().await;
-        self.mark_dirty(&mut meta).await?;
-        let gc = offset / cs;
-        let (l2_off, idx) = self.l2_for_write(&mut meta, gc).await?;
-        let old = self.entry_of(&mut meta, gc).await?;
-        let len = packed.len() as u64;
-        let host = self.alloc_compressed(&mut meta, len).await?;
-        self.file
-            .write_at(host, &packed)
-            .await
-            .ctx("cannot write a compressed cluster")?;
-        let x = 62 - (self.geo.cluster_bits - 8);
-        if host >= 1 << x {
-            return Err(Error::Unsupported("image is full".into()));
+        let r = async {
+            self.mark_dirty(&mut meta).await?;
+            let gc = offset / cs;
+            let (l2_off, idx) = self.l2_for_write(&mut meta, gc).await?;
+            let old = self.entry_of(&mut meta, gc).await?;
+            let len = packed.len() as u64;
+            let host = self.alloc_compressed(&mut meta, len).await?;
+            self.file
+                .write_at(host, &packed)
+                .await
+                .ctx("cannot write a compressed cluster")?;
+            let x = 62 - (self.geo.cluster_bits - 8);
+            if host >= 1 << x {
+                return Err(Error::Unsupported("image is full".into()));
+            }
+            let sectors = ((host + len - 1) >> 9) - (host >> 9);
+            let new = L2Entry {
+                word: COMPRESSED | (sectors << x) | host,
+                bitmap: 0,
+            };
+            self.set_l2_entry(&mut meta, l2_off, idx, new).await?;
+            if self.geo.is_allocated(old) || old.word & COMPRESSED != 0 {
+                self.file.flush().await.ctx("cannot flush the image")?;
+                self.unref_entry(&mut meta, old).await?;
+            }
+            Ok(())
         }
-        let sectors = ((host + len - 1) >> 9) - (host >> 9);
-        let new = L2Entry {
-            word: COMPRESSED | (sectors << x) | host,
-            bitmap: 0,
-        };
-        self.set_l2_entry(&mut meta, l2_off, idx, new).await?;
-        if self.geo.is_allocated(old) || old.word & COMPRESSED != 0 {
-            self.file.flush().await.ctx("cannot flush the image")?;
-            self.unref_entry(&mut meta, old).await?;
-        }
-        Ok(())
+        .await;
+        self.settle(&mut meta, r).await
     }
 
     /// Room for `len` bytes of compressed data (less than a cluster): after the previous
