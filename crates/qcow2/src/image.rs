@@ -290,15 +290,20 @@ impl Image {
         let mut meta = self.meta.lock().await;
         if meta.dirty_marked {
             meta.header.incompatible_features &= !incompat::DIRTY;
-            let v = meta.header.incompatible_features;
-            self.file
-                .write_at(HEADER_INCOMPAT, &v.to_be_bytes())
-                .await
-                .ctx("cannot write the image header")?;
-            self.file.flush().await.ctx("cannot flush the image")?;
+            self.sync_incompat(&meta).await?;
             meta.dirty_marked = false;
         }
         Ok(())
+    }
+
+    /// Writes the header's incompatible-feature word and makes it durable.
+    async fn sync_incompat(&self, meta: &Meta) -> Result<()> {
+        let v = meta.header.incompatible_features;
+        self.file
+            .write_at(HEADER_INCOMPAT, &v.to_be_bytes())
+            .await
+            .ctx("cannot write the image header")?;
+        self.file.flush().await.ctx("cannot flush the image")
     }
 
     /// Set the dirty bit (synced) before the first lazy metadata update.
@@ -307,12 +312,7 @@ impl Image {
             return Ok(());
         }
         meta.header.incompatible_features |= incompat::DIRTY;
-        let v = meta.header.incompatible_features;
-        self.file
-            .write_at(HEADER_INCOMPAT, &v.to_be_bytes())
-            .await
-            .ctx("cannot write the image header")?;
-        self.file.flush().await.ctx("cannot flush the image")?;
+        self.sync_incompat(meta).await?;
         meta.dirty_marked = true;
         Ok(())
     }
