@@ -286,6 +286,26 @@ impl Node {
         self.driver.write(offset, buf, flags).await
     }
 
+    /// Writes `buf` at `offset` for a parent format driver, growing the node when the write
+    /// runs past its end and the driver can grow that way (see
+    /// [`BlockDriver::grows_on_write`]); `false` when it cannot, so the caller resizes first.
+    pub(crate) async fn write_growing(&self, offset: u64, buf: &[u8]) -> Result<bool> {
+        let end = offset.checked_add(buf.len() as u64);
+        if end.is_some_and(|end| end <= self.size()) {
+            self.write(offset, buf, WriteFlags::default()).await?;
+            return Ok(true);
+        }
+        if end.is_none() || !self.driver.grows_on_write() {
+            return Ok(false);
+        }
+        self.check_writable()?;
+        let _in = self.gate.enter().await;
+        self.driver
+            .write(offset, buf, WriteFlags::default())
+            .await?;
+        Ok(true)
+    }
+
     /// Makes `len` bytes at `offset` read as zeroes. `may_unmap` is dropped unless the
     /// node has `discard=unmap`.
     pub async fn write_zeroes(&self, offset: u64, len: u64, mut flags: ZeroFlags) -> Result<()> {

@@ -77,6 +77,10 @@ impl Image {
     /// Check the image as `qemu-img check` does, without changing it.
     pub async fn check(&self) -> Result<CheckReport> {
         let mut meta = self.meta.lock().await;
+        if !self.read_only {
+            // Deferred decrements would count as leaks.
+            self.writeback(&mut meta).await?;
+        }
         Ok(self.count(&mut meta).await?.report)
     }
 
@@ -85,6 +89,8 @@ impl Image {
     pub async fn check_and_repair(&self, all: bool) -> Result<CheckReport> {
         self.check_writable_for_repair()?;
         let mut meta = self.meta.lock().await;
+        // Deferred decrements first, or the repair would count them twice.
+        self.writeback(&mut meta).await?;
         let counter = self.count(&mut meta).await?;
         let mut report = counter.report.clone();
         // New refcount blocks must not land on clusters whose refcount is wrongly zero.
@@ -103,6 +109,7 @@ impl Image {
             }
         }
         meta.rc.free_hint = saved_hint.min(meta.rc.free_hint);
+        self.writeback(&mut meta).await?;
         self.file.flush().await.ctx("cannot flush the image")?;
         let after = self.count(&mut meta).await?.report;
         report.leaks = after.leaks;
@@ -192,7 +199,7 @@ impl Image {
                 continue;
             }
             k.add("L2 table", off, cs);
-            let table = meta.l2_table(self.file.as_ref(), off, cs).await?;
+            let table = self.l2_table(meta, off).await?;
             for j in 0..self.geo.l2_entries() as usize {
                 let entry = entry_at(&table, j, self.geo.extended);
                 if let Err(err) = self.geo.validate(entry) {
@@ -347,7 +354,7 @@ impl Image {
             if self.geo.data_file {
                 continue;
             }
-            let table = meta.l2_table(self.file.as_ref(), off, cs).await?;
+            let table = self.l2_table(meta, off).await?;
             for j in 0..self.geo.l2_entries() as usize {
                 let entry = entry_at(&table, j, self.geo.extended);
                 if self.geo.validate(entry).is_err() || !self.geo.is_allocated(entry) {

@@ -1,20 +1,29 @@
 //! An open image: the header, the active L1 table, the L2 cache and the refcounts behind one
 //! async mutex, plus the storages the data lives on.
 //!
-//! State: `Meta` is the only mutable state; every metadata update holds its lock for the whole
-//! update so two requests never interleave allocation steps. Reads take it only to map an
+//! State: `Meta` is the only mutable state. Its L2 tables and refcount blocks are cached
+//! write-back: updates change the caches, and [`Image::writeback`] writes them out in the
+//! order crash safety needs (refcount blocks, a flush, L2 tables, a flush, then the deferred
+//! refcount decrements), on flush, on close and when a dirty L2 table would be evicted.
+//! Requests hold the lock only to map and to update metadata, never across guest data I/O:
+//! an in-place write pins its host cluster and writes unlocked; a write that changes its
+//! cluster's L2 entry marks the guest cluster as in flight (`Meta::inflight`) so every other
+//! request that would change that entry waits for it. Reads take the lock only to map an
 //! offset. The dirty bit is set (synced) before the first metadata update when lazy refcounts
 //! are on, and cleared by [`Image::close`] after everything is flushed.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 use crate::error::{Error, IoContext, Result};
 use crate::header::{self, autoclear, incompat, CompressionType, Header, MAX_HOST_OFFSET};
-use crate::l2::{words_from_be, Geometry, L2Cache, L2Table, L1_OFFSET_MASK, L1_RESERVED_MASK};
-use crate::refcount::Refcounts;
+use crate::l2::{
+    words_from_be, words_to_be, Geometry, L2Cache, L2Table, L1_OFFSET_MASK, L1_RESERVED_MASK,
+};
+use crate::refcount::{OffsetHash, Refcounts};
 use crate::storage::Storage;
 
 /// QEMU's default maximum L2 cache on Linux (`DEFAULT_L2_CACHE_MAX_SIZE`, 32 MiB).
@@ -69,6 +78,12 @@ pub(crate) struct Meta {
     pub dirty_marked: bool,
     /// Next free byte of the host cluster compressed clusters are being packed into (0: none).
     pub compress_tail: u64,
+    /// Host clusters that lose one reference once the L2 tables that dropped it are durable
+    /// (applied by [`Image::writeback`]).
+    pub pending_unref: Vec<u64>,
+    /// Guest clusters whose L2 entry a request is changing with the lock released; the
+    /// request holds the mutex until it has updated the entry (see [`Image::wait_idle`]).
+    pub inflight: HashMap<u64, Arc<Mutex<()>>, OffsetHash>,
 }
 
 /// An open qcow2 image.
@@ -216,6 +231,8 @@ impl Image {
                 header,
                 dirty_marked: false,
                 compress_tail: 0,
+                pending_unref: Vec::new(),
+                inflight: HashMap::default(),
             }),
         };
         if !image.read_only {
@@ -276,18 +293,93 @@ impl Image {
         }
     }
 
-    /// Flush everything written so far to stable storage.
+    /// Flush everything written so far to stable storage: cached metadata first.
     pub async fn flush(&self) -> Result<()> {
+        if !self.read_only {
+            let mut meta = self.meta.lock().await;
+            self.writeback(&mut meta).await?;
+        }
+        self.sync_storages().await
+    }
+
+    async fn sync_storages(&self) -> Result<()> {
         if let Some(d) = &self.data_file {
             d.flush().await.ctx("cannot flush the data file")?;
         }
         self.file.flush().await.ctx("cannot flush the image")
     }
 
+    /// Write the cached metadata out in crash-safe order: dirty refcount blocks; then, if L2
+    /// tables are dirty, a flush (so the refcounts of the clusters they link and the data they
+    /// expose, copied-on-write parts included, are durable) and the tables; then, if
+    /// references were dropped, a flush (the tables that dropped them are durable) and the
+    /// decrements, whose blocks the next round writes. Nothing is flushed at the end: the
+    /// caller flushes when it needs durability.
+    pub(crate) async fn writeback(&self, meta: &mut Meta) -> Result<()> {
+        loop {
+            meta.rc.write_dirty(self.file.as_ref()).await?;
+            let dirty = meta.l2.take_dirty();
+            if !dirty.is_empty() {
+                if let Err(e) = self.sync_storages().await {
+                    dirty.iter().for_each(|(off, _)| meta.l2.mark_dirty(*off));
+                    return Err(e);
+                }
+                for (i, (off, table)) in dirty.iter().enumerate() {
+                    let r = self
+                        .file
+                        .write_at(*off, &words_to_be(table))
+                        .await
+                        .ctx("cannot write an L2 table");
+                    if let Err(e) = r {
+                        dirty[i..]
+                            .iter()
+                            .for_each(|(off, _)| meta.l2.mark_dirty(*off));
+                        return Err(e);
+                    }
+                }
+            }
+            if meta.pending_unref.is_empty() {
+                return Ok(());
+            }
+            self.file.flush().await.ctx("cannot flush the image")?;
+            for c in std::mem::take(&mut meta.pending_unref) {
+                meta.rc.adjust(self.file.as_ref(), c, -1).await?;
+            }
+        }
+    }
+
+    /// Wait until no request is changing guest cluster `gc`'s L2 entry with the lock released;
+    /// returns the lock again. A marker left by a request that was dropped half way is removed.
+    pub(crate) async fn wait_idle<'a>(
+        &'a self,
+        mut meta: MutexGuard<'a, Meta>,
+        gc: u64,
+    ) -> MutexGuard<'a, Meta> {
+        loop {
+            let Some(owner) = meta.inflight.get(&gc).cloned() else {
+                return meta;
+            };
+            drop(meta);
+            drop(owner.lock().await);
+            meta = self.meta.lock().await;
+            let stale = meta
+                .inflight
+                .get(&gc)
+                .is_some_and(|m| Arc::ptr_eq(m, &owner) && m.try_lock().is_ok());
+            if stale {
+                meta.inflight.remove(&gc);
+            }
+        }
+    }
+
     /// Flush and clear the dirty bit this library set; the image stays usable.
     pub async fn close(&self) -> Result<()> {
         self.flush().await?;
         let mut meta = self.meta.lock().await;
+        if meta.rc.has_dirty() || meta.l2.has_dirty() {
+            self.writeback(&mut meta).await?;
+            self.sync_storages().await?;
+        }
         if meta.dirty_marked {
             meta.header.incompatible_features &= !incompat::DIRTY;
             self.sync_incompat(&meta).await?;
@@ -353,15 +445,6 @@ impl Image {
             None => Ok(()),
         }
     }
-
-    /// Flush the refcount updates a following metadata write depends on (skipped with lazy
-    /// refcounts: the dirty bit covers them).
-    pub(crate) async fn order_barrier(&self) -> Result<()> {
-        if self.lazy {
-            return Ok(());
-        }
-        self.file.flush().await.ctx("cannot flush the image")
-    }
 }
 
 impl Meta {
@@ -383,21 +466,24 @@ impl Meta {
         }
         Ok((off != 0).then_some(off))
     }
+}
 
+impl Image {
     /// The L2 table at host offset `off`, from the cache or the file.
-    pub async fn l2_table(&mut self, file: &dyn Storage, off: u64, cs: u64) -> Result<L2Table> {
-        if let Some(t) = self.l2.get(off) {
+    pub(crate) async fn l2_table(&self, meta: &mut Meta, off: u64) -> Result<L2Table> {
+        if let Some(t) = meta.l2.get(off) {
             return Ok(t);
         }
+        let cs = self.geo.cluster_size();
         if off >= MAX_HOST_OFFSET {
             return Err(Error::Corrupt(format!(
                 "L2 table offset {off:#x} is too large"
             )));
         }
-        let file_len = file.len().await.ctx("cannot get the image size")?;
+        let file_len = self.file.len().await.ctx("cannot get the image size")?;
         let end = file_len
             .div_ceil(cs)
-            .max(self.rc.alloc_end)
+            .max(meta.rc.alloc_end)
             .saturating_mul(cs);
         if off >= end {
             return Err(Error::Corrupt(format!(
@@ -405,12 +491,29 @@ impl Meta {
             )));
         }
         let mut raw = vec![0u8; cs as usize];
-        file.read_at(off, &mut raw)
+        self.file
+            .read_at(off, &mut raw)
             .await
             .ctx("cannot read an L2 table")?;
         let table = Arc::new(words_from_be(&raw));
-        self.l2.insert(off, Arc::clone(&table));
+        self.cache_l2(meta, off, Arc::clone(&table), false).await?;
         Ok(table)
+    }
+
+    /// Put a table in the L2 cache, writing the metadata back first when it would evict a
+    /// dirty table.
+    pub(crate) async fn cache_l2(
+        &self,
+        meta: &mut Meta,
+        off: u64,
+        table: L2Table,
+        dirty: bool,
+    ) -> Result<()> {
+        if let Some((_, true)) = meta.l2.victim(off) {
+            self.writeback(meta).await?;
+        }
+        meta.l2.insert(off, table, dirty);
+        Ok(())
     }
 }
 

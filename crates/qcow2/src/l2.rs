@@ -1,8 +1,10 @@
 //! L1 and L2 entries and the L2 table cache.
 //!
-//! The cache holds clean copies of L2 tables keyed by their host offset. Updates are written
-//! through to the file by the caller before the cached copy changes, so an entry in the cache is
-//! never newer than the file: evicting one never needs a write.
+//! The cache holds L2 tables keyed by their host offset. It is write-back: an update changes
+//! the cached table and marks it dirty, and the image writes dirty tables out in its metadata
+//! write-back (after the refcounts and data they depend on are durable, see `image.rs`).
+//! Evicting a dirty table therefore needs that write-back first: [`L2Cache::victim`] names the
+//! table an insert would evict so the caller can write back before inserting.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -155,19 +157,26 @@ impl Geometry {
 /// An L2 table as u64 words (two per entry with extended L2).
 pub(crate) type L2Table = Arc<Vec<u64>>;
 
-/// A bounded cache of clean L2 tables, least recently used evicted first.
+/// A bounded cache of L2 tables, least recently used evicted first.
 #[derive(Debug)]
 pub(crate) struct L2Cache {
-    tables: HashMap<u64, (L2Table, u64)>,
+    tables: HashMap<u64, Cached, crate::refcount::OffsetHash>,
     capacity: usize,
     tick: u64,
+}
+
+#[derive(Debug)]
+struct Cached {
+    table: L2Table,
+    used: u64,
+    dirty: bool,
 }
 
 impl L2Cache {
     /// A cache of at most `capacity` tables (at least 2).
     pub fn new(capacity: usize) -> Self {
         Self {
-            tables: HashMap::new(),
+            tables: HashMap::default(),
             capacity: capacity.max(2),
             tick: 0,
         }
@@ -176,41 +185,85 @@ impl L2Cache {
     pub fn get(&mut self, offset: u64) -> Option<L2Table> {
         self.tick += 1;
         let tick = self.tick;
-        self.tables.get_mut(&offset).map(|(t, used)| {
-            *used = tick;
-            Arc::clone(t)
+        self.tables.get_mut(&offset).map(|c| {
+            c.used = tick;
+            Arc::clone(&c.table)
         })
     }
 
-    pub fn insert(&mut self, offset: u64, table: L2Table) {
-        if self.tables.len() >= self.capacity && !self.tables.contains_key(&offset) {
-            if let Some(oldest) = self
-                .tables
-                .iter()
-                .min_by_key(|(_, (_, u))| *u)
-                .map(|(k, _)| *k)
-            {
-                self.tables.remove(&oldest);
-            }
+    /// The table inserting `offset` would evict, and whether it is dirty.
+    pub fn victim(&self, offset: u64) -> Option<(u64, bool)> {
+        if self.tables.len() < self.capacity || self.tables.contains_key(&offset) {
+            return None;
         }
-        self.tick += 1;
-        self.tables.insert(offset, (table, self.tick));
+        self.tables
+            .iter()
+            .min_by_key(|(_, c)| c.used)
+            .map(|(k, c)| (*k, c.dirty))
     }
 
-    /// Change one entry of a cached table (already written to the file).
-    pub fn update(&mut self, offset: u64, index: usize, entry: L2Entry, extended: bool) {
-        if let Some((t, _)) = self.tables.get_mut(&offset) {
-            let t = Arc::make_mut(t);
-            let words = if extended { 2 } else { 1 };
-            if let Some(w) = t.get_mut(index * words) {
-                *w = entry.word;
-            }
-            if extended {
-                if let Some(w) = t.get_mut(index * 2 + 1) {
-                    *w = entry.bitmap;
-                }
+    /// Insert a table read from the file (`dirty` false) or built in memory (`dirty` true),
+    /// evicting the least recently used one when full. The caller writes a dirty victim back
+    /// first (see [`L2Cache::victim`]).
+    pub fn insert(&mut self, offset: u64, table: L2Table, dirty: bool) {
+        if let Some((oldest, _)) = self.victim(offset) {
+            self.tables.remove(&oldest);
+        }
+        self.tick += 1;
+        self.tables.insert(
+            offset,
+            Cached {
+                table,
+                used: self.tick,
+                dirty,
+            },
+        );
+    }
+
+    /// Change one entry of a cached table and mark it dirty; `false` if it is not cached.
+    pub fn update(&mut self, offset: u64, index: usize, entry: L2Entry, extended: bool) -> bool {
+        let Some(c) = self.tables.get_mut(&offset) else {
+            return false;
+        };
+        let t = Arc::make_mut(&mut c.table);
+        let words = if extended { 2 } else { 1 };
+        if let Some(w) = t.get_mut(index * words) {
+            *w = entry.word;
+        }
+        if extended {
+            if let Some(w) = t.get_mut(index * 2 + 1) {
+                *w = entry.bitmap;
             }
         }
+        c.dirty = true;
+        true
+    }
+
+    /// The dirty tables (offset and contents), marking them clean.
+    pub fn take_dirty(&mut self) -> Vec<(u64, L2Table)> {
+        let mut out: Vec<(u64, L2Table)> = self
+            .tables
+            .iter_mut()
+            .filter(|(_, c)| c.dirty)
+            .map(|(k, c)| {
+                c.dirty = false;
+                (*k, Arc::clone(&c.table))
+            })
+            .collect();
+        out.sort_unstable_by_key(|(k, _)| *k);
+        out
+    }
+
+    /// Mark a table dirty again (its write failed).
+    pub fn mark_dirty(&mut self, offset: u64) {
+        if let Some(c) = self.tables.get_mut(&offset) {
+            c.dirty = true;
+        }
+    }
+
+    /// Whether any table waits to be written.
+    pub fn has_dirty(&self) -> bool {
+        self.tables.values().any(|c| c.dirty)
     }
 
     pub fn remove(&mut self, offset: u64) {
@@ -286,10 +339,10 @@ mod tests {
     #[test]
     fn cache_evicts_least_recently_used() {
         let mut c = L2Cache::new(2);
-        c.insert(1, Arc::new(vec![1]));
-        c.insert(2, Arc::new(vec![2]));
+        c.insert(1, Arc::new(vec![1]), false);
+        c.insert(2, Arc::new(vec![2]), false);
         c.get(1);
-        c.insert(3, Arc::new(vec![3]));
+        c.insert(3, Arc::new(vec![3]), false);
         assert!(c.get(2).is_none());
     }
 }

@@ -48,7 +48,7 @@ impl Image {
         let Some(l2_off) = meta.l2_offset(gc / per, cs)? else {
             return Ok(L2Entry::default());
         };
-        let table = meta.l2_table(self.file.as_ref(), l2_off, cs).await?;
+        let table = self.l2_table(meta, l2_off).await?;
         let e = entry_at(&table, (gc % per) as usize, self.geo.extended);
         self.geo.validate(e)?;
         Ok(e)

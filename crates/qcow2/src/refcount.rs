@@ -1,12 +1,16 @@
 //! Refcount table, refcount blocks and the cluster allocator.
 //!
-//! State: the refcount table (in memory, mirrored on disk), a bounded cache of refcount
-//! blocks (clean: every change is written through), and a hint below which no cluster is free.
-//! Invariants: a cluster the allocator hands out has a durable refcount of at least 1 before
-//! the caller links it anywhere (the caller flushes); new refcount blocks describe themselves
-//! when they can; a grown refcount table is written and flushed before the header points at it.
+//! State: the refcount table (in memory, mirrored on disk), a bounded write-back cache of
+//! refcount blocks, and a hint below which no cluster is free.
+//! Invariants: a cluster the allocator hands out has refcount 1 in the cache at once; the
+//! image's metadata write-back writes dirty blocks (and flushes) before any L2 table that links
+//! such a cluster, and applies decrements only after the L2 tables that dropped the references
+//! are durable, so a dirty block may be written at any time (at worst a leak after a crash).
+//! New refcount blocks describe themselves when they can; a grown refcount table is written and
+//! flushed before the header points at it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use crate::error::{Error, IoContext, Result};
@@ -25,13 +29,50 @@ const BLOCK_CACHE_MAX: usize = 256;
 /// and appends at the end of the image (a hostile image can claim terabytes are in use).
 pub(crate) const SCAN_BUDGET: u64 = 1 << 16;
 
+/// A hasher for host offsets and cluster indexes: one multiply (Fibonacci hashing), far
+/// cheaper than SipHash on the per-cluster lookups of the allocator. Keys come from the
+/// image's own tables, which the library validates; a hostile image can at worst make the
+/// map slow, never wrong.
+#[derive(Default)]
+pub(crate) struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = (self.0 ^ v)
+            .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            .rotate_left(26);
+    }
+}
+
+/// [`OffsetHasher`] as a map's hasher.
+pub(crate) type OffsetHash = BuildHasherDefault<OffsetHasher>;
+
+/// One cached refcount block.
+#[derive(Debug)]
+struct Block {
+    data: Vec<u8>,
+    dirty: bool,
+}
+
 /// The refcount structures of an open image.
 #[derive(Debug)]
 pub(crate) struct Refcounts {
     pub table: Vec<u64>,
     pub table_offset: u64,
     pub table_clusters: u32,
-    blocks: HashMap<u64, Vec<u8>>,
+    blocks: HashMap<u64, Block, OffsetHash>,
+    /// Host offsets of the refcount blocks the table points at.
+    block_set: HashSet<u64, OffsetHash>,
     order: u32,
     cluster_bits: u32,
     /// No cluster below this index is free.
@@ -60,11 +101,13 @@ impl Refcounts {
         file.read_at(table_offset, &mut raw)
             .await
             .ctx("cannot read the refcount table")?;
+        let table = words_from_be(&raw);
         Ok(Self {
-            table: words_from_be(&raw),
+            block_set: block_set(&table),
+            table,
             table_offset,
             table_clusters,
-            blocks: HashMap::new(),
+            blocks: HashMap::default(),
             order,
             cluster_bits,
             free_hint: 0,
@@ -122,20 +165,53 @@ impl Refcounts {
         Ok((off != 0).then_some(off))
     }
 
-    async fn block<'a>(&'a mut self, file: &dyn Storage, off: u64) -> Result<&'a mut Vec<u8>> {
+    async fn block<'a>(&'a mut self, file: &dyn Storage, off: u64) -> Result<&'a mut Block> {
         if !self.blocks.contains_key(&off) {
             if self.blocks.len() >= BLOCK_CACHE_MAX {
+                self.write_dirty(file).await?;
                 self.blocks.clear();
             }
-            let mut buf = vec![0u8; self.cluster_size() as usize];
-            file.read_at(off, &mut buf)
+            let mut data = vec![0u8; self.cluster_size() as usize];
+            file.read_at(off, &mut data)
                 .await
                 .ctx("cannot read a refcount block")?;
-            self.blocks.insert(off, buf);
+            self.blocks.insert(off, Block { data, dirty: false });
         }
         self.blocks
             .get_mut(&off)
             .ok_or_else(|| Error::Corrupt("refcount block cache".into()))
+    }
+
+    /// Write every dirty cached block (not flushed); returns whether any was written.
+    pub async fn write_dirty(&mut self, file: &dyn Storage) -> Result<bool> {
+        let mut dirty: Vec<u64> = self
+            .blocks
+            .iter()
+            .filter(|(_, b)| b.dirty)
+            .map(|(k, _)| *k)
+            .collect();
+        dirty.sort_unstable();
+        for off in &dirty {
+            if let Some(what) = self.overlaps_protected(*off, self.cluster_size()) {
+                return Err(Error::Corrupt(format!(
+                    "Preventing invalid write on metadata (refcount block at {off:#x} \
+                     overlaps with {what})"
+                )));
+            }
+            let Some(b) = self.blocks.get_mut(off) else {
+                continue;
+            };
+            file.write_at(*off, &b.data)
+                .await
+                .ctx("cannot write a refcount block")?;
+            b.dirty = false;
+        }
+        Ok(!dirty.is_empty())
+    }
+
+    /// Whether any cached block waits to be written.
+    pub fn has_dirty(&self) -> bool {
+        self.blocks.values().any(|b| b.dirty)
     }
 
     /// The refcount of host cluster `cluster`.
@@ -146,10 +222,10 @@ impl Refcounts {
         };
         let order = self.order;
         let block = self.block(file, off).await?;
-        Ok(read_entry(block, order, cluster % per))
+        Ok(read_entry(&block.data, order, cluster % per))
     }
 
-    /// Set the refcount of `cluster`, whose block must exist. Writes through.
+    /// Set the refcount of `cluster`, whose block must exist, in the cache (marked dirty).
     async fn put(
         &mut self,
         file: &dyn Storage,
@@ -167,15 +243,13 @@ impl Refcounts {
         let order = self.order;
         let idx = cluster % per;
         let block = self.block(file, block_off).await?;
-        let (start, end) = write_entry(block, order, idx, value);
-        let bytes = block[start..end].to_vec();
-        file.write_at(block_off + start as u64, &bytes)
-            .await
-            .ctx("cannot write a refcount block")
+        write_entry(&mut block.data, order, idx, value);
+        block.dirty = true;
+        Ok(())
     }
 
     /// Set the refcount of `cluster`, creating its refcount block (and growing the table) when
-    /// missing. Changes are written but not flushed.
+    /// missing. Changes stay in the cache until the image writes its metadata back.
     pub async fn set(&mut self, file: &dyn Storage, cluster: u64, value: u64) -> Result<()> {
         if value > self.max_value() {
             return Err(Error::Corrupt(format!(
@@ -228,7 +302,7 @@ impl Refcounts {
 
     /// Whether the refcount table points at a block at host offset `off`.
     pub fn is_block(&self, off: u64) -> bool {
-        off != 0 && self.table.iter().any(|e| e & REFT_OFFSET_MASK == off)
+        off != 0 && self.block_set.contains(&off)
     }
 
     /// Find `n` contiguous free clusters at or after the hint (no refcounts changed). The
@@ -373,6 +447,8 @@ impl Refcounts {
             return Err(Error::Corrupt(format!("refcount table has no entry {ti}")));
         }
         self.alloc_end = self.alloc_end.max((off >> self.cluster_bits) + 1);
+        // The block's own refcount (in another block) is durable before the table points at it.
+        self.write_dirty(file).await?;
         let mut block = vec![0u8; self.cluster_size() as usize];
         if let Some(i) = self_index {
             write_entry(&mut block, self.order, i, 1);
@@ -382,11 +458,18 @@ impl Refcounts {
             .ctx("cannot write a refcount block")?;
         file.flush().await.ctx("cannot flush the image")?;
         self.table[ti as usize] = off;
+        self.block_set.insert(off);
         file.write_at(self.table_offset + ti * 8, &off.to_be_bytes())
             .await
             .ctx("cannot write the refcount table")?;
         file.flush().await.ctx("cannot flush the image")?;
-        self.blocks.insert(off, block);
+        self.blocks.insert(
+            off,
+            Block {
+                data: block,
+                dirty: false,
+            },
+        );
         Ok(off)
     }
 
@@ -453,16 +536,25 @@ impl Refcounts {
         let (old_off, old_clusters) = (self.table_offset, u64::from(self.table_clusters));
         self.protected.retain(|(s, _)| *s != old_off);
         self.protected.push((new_off, new_off + tclusters * cs));
+        self.block_set = block_set(&table);
         self.table = table;
         self.table_offset = new_off;
         self.table_clusters = tclusters as u32;
-        self.blocks.clear();
         self.alloc_end = self.alloc_end.max(meta_end);
         for c in 0..old_clusters {
             Box::pin(self.set(file, (old_off >> self.cluster_bits) + c, 0)).await?;
         }
         Ok(())
     }
+}
+
+/// The block offsets a refcount table points at.
+fn block_set(table: &[u64]) -> HashSet<u64, OffsetHash> {
+    table
+        .iter()
+        .map(|e| e & REFT_OFFSET_MASK)
+        .filter(|&o| o != 0)
+        .collect()
 }
 
 /// Read entry `i` of a refcount block of width `1 << order` bits.

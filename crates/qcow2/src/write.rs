@@ -1,23 +1,63 @@
 //! Guest writes, write_zeroes, discard and growing the disk.
 //!
-//! Every update runs with the metadata lock held, in an order that leaves at worst leaked
-//! clusters after a crash (`docs/interop/qcow2.txt`, and DESIGN.md): a cluster's refcount is
-//! flushed before an L2 entry uses it, a new L2 table is flushed before the L1 entry points at
-//! it, copied-on-write data is flushed before the L2 entry that exposes it, and a reference is
-//! dropped only after the entry that stopped using it is flushed. With lazy refcounts the
-//! refcount flushes are skipped and the dirty bit (set first) covers them.
+//! Metadata changes run with the metadata lock held and land in the write-back caches; the
+//! image's write-back (`image.rs`) writes them in an order that leaves at worst leaked clusters
+//! after a crash (`docs/interop/qcow2.txt`, and DESIGN.md): a cluster's refcount is durable
+//! before an L2 table that uses it is written, copied-on-write data is durable before the L2
+//! table that exposes it, a new L2 table is durable before the L1 entry points at it, and a
+//! reference is dropped only after the table that stopped using it is durable. With lazy
+//! refcounts the dirty bit (set first) covers the refcounts.
+//!
+//! Guest data is written with the lock released. A write into a cluster whose entry stays as
+//! it is (allocated, refcount 1, no zero flag) pins the host cluster and writes. A write that
+//! changes the entry (allocation, copy-on-write, clearing a zero flag) plans under the lock,
+//! allocates, marks the guest cluster in flight, writes unlocked, then updates the entry under
+//! the lock again; requests that would change the same entry wait for it.
+
+use std::sync::Arc;
+
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::error::{Error, IoContext, Result};
 use crate::image::{Image, Meta};
 use crate::l2::{
     words_to_be, L2Entry, Mapping, ALL_ZERO_BITMAP, COMPRESSED, COPIED, L2_OFFSET_MASK, ZERO_FLAG,
 };
+use crate::pin::Pin;
 use crate::storage::Backing;
 
 /// Header offset of `size`.
 const HEADER_SIZE: u64 = 24;
 /// Header offset of `l1_size` (followed by `l1_table_offset`).
 const HEADER_L1: u64 = 36;
+
+/// How a write reaches its cluster.
+enum WritePlan {
+    /// The entry stays as it is: write the data at `host` (pinned until written).
+    InPlace { host: u64, pin: Option<Pin> },
+    /// The entry changes: see [`Update`].
+    Update(Update),
+}
+
+/// A write that changes its cluster's entry, planned under the metadata lock.
+struct Update {
+    /// The entry when planned (nothing else changes it while the cluster is in flight).
+    old: L2Entry,
+    /// The entry once the data is written.
+    new: L2Entry,
+    /// Host cluster the data goes to.
+    host: u64,
+    /// `host` was allocated for this write.
+    fresh: bool,
+    /// The copied-on-write parts would be zeros and `host` lies past the end of the file,
+    /// where unwritten bytes read as zeros: only the request's bytes are written.
+    skip_cow: bool,
+    /// Bytes of the cluster written (the request plus what is copied on write).
+    ra: u64,
+    rb: u64,
+    /// Held until the entry is updated; waiters on the in-flight marker wake then.
+    _guard: OwnedMutexGuard<()>,
+}
 
 /// Bits `s0..=s1` of a subcluster mask.
 fn sc_mask(s0: u32, s1: u32) -> u64 {
@@ -50,22 +90,16 @@ impl Image {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.geo.cluster_size();
-        let mut meta = self.meta.lock().await;
-        let r = async {
-            self.mark_dirty(&mut meta).await?;
-            let mut done = 0usize;
-            while done < buf.len() {
-                let pos = offset + done as u64;
-                let a = pos % cs;
-                let n = ((cs - a) as usize).min(buf.len() - done);
-                self.write_cluster(&mut meta, pos / cs, a, &buf[done..done + n], backing)
-                    .await?;
-                done += n;
-            }
-            Ok(())
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let a = pos % cs;
+            let n = ((cs - a) as usize).min(buf.len() - done);
+            self.write_cluster(pos / cs, a, &buf[done..done + n], backing)
+                .await?;
+            done += n;
         }
-        .await;
-        self.settle(&mut meta, r).await
+        Ok(())
     }
 
     /// The guest contents of cluster `gc` bytes `a..b` as the entry `e` describes them.
@@ -113,16 +147,51 @@ impl Image {
     /// Write `data` at byte `a` of guest cluster `gc`.
     async fn write_cluster(
         &self,
-        meta: &mut Meta,
         gc: u64,
         a: u64,
         data: &[u8],
         backing: Option<&dyn Backing>,
     ) -> Result<()> {
+        let meta = self.meta.lock().await;
+        let mut meta = self.wait_idle(meta, gc).await;
+        let b = a + data.len() as u64;
+        let r = self
+            .plan_write(&mut meta, gc, a, b, backing.is_some())
+            .await;
+        let plan = match r {
+            Ok(plan) => plan,
+            Err(e) => return self.settle(&mut meta, Err(e)).await,
+        };
+        drop(meta);
+        match plan {
+            WritePlan::InPlace { host, pin } => {
+                let r = self
+                    .data()
+                    .write_at(host + a, data)
+                    .await
+                    .ctx("cannot write guest data");
+                drop(pin);
+                r
+            }
+            WritePlan::Update(up) => self.write_update(gc, a, data, backing, up).await,
+        }
+    }
+
+    /// Decide how to write bytes `a..b` of guest cluster `gc` (lock held). For an update,
+    /// allocates the new host cluster and marks `gc` in flight.
+    async fn plan_write(
+        &self,
+        meta: &mut Meta,
+        gc: u64,
+        a: u64,
+        b: u64,
+        has_backing: bool,
+    ) -> Result<WritePlan> {
         let cs = self.geo.cluster_size();
         let scs = self.geo.subcluster_size();
-        let b = a + data.len() as u64;
-        let (l2_off, idx) = self.l2_for_write(meta, gc).await?;
+        self.mark_dirty(meta).await?;
+        // The L2 table is checked (and allocated or unshared) before any data is written.
+        self.l2_for_write(meta, gc).await?;
         let e = self.entry_of(meta, gc).await?;
         let compressed = e.word & COMPRESSED != 0;
         let allocated = self.geo.is_allocated(e);
@@ -164,53 +233,112 @@ impl Image {
                 L2Entry { word, bitmap },
             )
         };
-        let copied_old = ra < a || rb > b;
-        let host = if in_place {
-            if !self.geo.data_file {
-                self.check_overlap(meta, "data cluster", old_host, cs)?;
-            }
-            old_host
+        if in_place && !self.geo.data_file {
+            self.check_overlap(meta, "data cluster", old_host, cs)?;
+        }
+        if in_place && new == e {
+            let cb = self.geo.cluster_bits;
+            let pin =
+                (!self.geo.data_file).then(|| meta.rc.pins.pin(old_host >> cb, old_host >> cb));
+            return Ok(WritePlan::InPlace {
+                host: old_host,
+                pin,
+            });
+        }
+        let (host, fresh) = if in_place {
+            (old_host, false)
         } else if self.geo.data_file {
-            gc * cs
+            (gc * cs, false)
         } else {
-            let h = meta.rc.alloc(self.file.as_ref(), 1).await?;
-            self.order_barrier().await?;
-            h
+            (meta.rc.alloc(self.file.as_ref(), 1).await?, true)
         };
+        let zero_cow = !allocated
+            && !compressed
+            && (!has_backing
+                || if self.geo.extended {
+                    (e.bitmap >> 32) & touched == touched
+                } else {
+                    e.word & ZERO_FLAG != 0
+                });
+        let skip_cow =
+            fresh && zero_cow && host >= self.file.len().await.ctx("cannot get the image size")?;
         if !in_place {
             new.word = host | COPIED;
         }
-        let mut buf = if copied_old {
-            self.read_old(e, gc, ra, rb, backing).await?
-        } else {
-            Vec::new()
+        let owner = Arc::new(Mutex::new(()));
+        let guard = Arc::clone(&owner)
+            .try_lock_owned()
+            .map_err(|_| Error::Corrupt("in-flight marker".into()))?;
+        meta.inflight.insert(gc, owner);
+        Ok(WritePlan::Update(Update {
+            old: e,
+            new,
+            host,
+            fresh,
+            skip_cow,
+            ra,
+            rb,
+            _guard: guard,
+        }))
+    }
+
+    /// Carry out an update plan: write the data (with the copied-on-write parts) unlocked,
+    /// then point the entry at it and drop the old entry's references.
+    async fn write_update(
+        &self,
+        gc: u64,
+        a: u64,
+        data: &[u8],
+        backing: Option<&dyn Backing>,
+        up: Update,
+    ) -> Result<()> {
+        let b = a + data.len() as u64;
+        let (ra, rb) = if up.skip_cow { (a, b) } else { (up.ra, up.rb) };
+        let copied_old = ra < a || rb > b;
+        let written = async {
+            if copied_old {
+                let mut buf = self.read_old(up.old, gc, ra, rb, backing).await?;
+                buf[(a - ra) as usize..(b - ra) as usize].copy_from_slice(data);
+                self.data().write_at(up.host + ra, &buf).await
+            } else {
+                self.data().write_at(up.host + ra, data).await
+            }
+            .ctx("cannot write guest data")
+        }
+        .await;
+        let mut meta = self.meta.lock().await;
+        meta.inflight.remove(&gc);
+        let r = match written {
+            Ok(()) => self.finish_update(&mut meta, gc, &up).await,
+            Err(e) => {
+                if up.fresh {
+                    // Nothing links the new cluster: give it back.
+                    meta.rc
+                        .adjust(self.file.as_ref(), up.host >> self.geo.cluster_bits, -1)
+                        .await?;
+                }
+                Err(e)
+            }
         };
-        if copied_old {
-            buf[(a - ra) as usize..(b - ra) as usize].copy_from_slice(data);
-        }
-        let out = if copied_old { &buf[..] } else { data };
-        self.data()
-            .write_at(host + ra, out)
-            .await
-            .ctx("cannot write guest data")?;
-        if new == e {
-            return Ok(());
-        }
-        if copied_old {
-            self.data().flush().await.ctx("cannot flush guest data")?;
-        }
-        self.set_l2_entry(meta, l2_off, idx, new).await?;
-        if !in_place && (allocated || compressed) && !self.geo.data_file {
-            self.file.flush().await.ctx("cannot flush the image")?;
-            self.unref_entry(meta, e).await?;
+        drop(up);
+        self.settle(&mut meta, r).await
+    }
+
+    async fn finish_update(&self, meta: &mut Meta, gc: u64, up: &Update) -> Result<()> {
+        let (l2_off, idx) = self.l2_for_write(meta, gc).await?;
+        self.set_l2_entry(meta, l2_off, idx, up.new).await?;
+        let moved = up.new.word & L2_OFFSET_MASK != up.old.word & L2_OFFSET_MASK;
+        if moved && (self.geo.is_allocated(up.old) || up.old.word & COMPRESSED != 0) {
+            self.unref_entry(meta, up.old);
         }
         Ok(())
     }
 
-    /// Drop one reference from every host cluster entry `e` uses.
-    pub(crate) async fn unref_entry(&self, meta: &mut Meta, e: L2Entry) -> Result<()> {
+    /// Drop one reference from every host cluster entry `e` uses, once the L2 table that
+    /// stopped using them is durable (the write-back applies it).
+    pub(crate) fn unref_entry(&self, meta: &mut Meta, e: L2Entry) {
         if self.geo.data_file {
-            return Ok(());
+            return;
         }
         let cb = self.geo.cluster_bits;
         let (first, last) = if e.word & COMPRESSED != 0 {
@@ -220,7 +348,7 @@ impl Image {
             let c = (e.word & L2_OFFSET_MASK) >> cb;
             (c, c)
         } else {
-            return Ok(());
+            return;
         };
         let tail = meta.compress_tail;
         for c in first..=last {
@@ -228,12 +356,11 @@ impl Image {
                 // Stop packing into a cluster that may be freed now.
                 meta.compress_tail = 0;
             }
-            meta.rc.adjust(self.file.as_ref(), c, -1).await?;
+            meta.pending_unref.push(c);
         }
-        Ok(())
     }
 
-    /// Write one L2 entry through to the file and the cache.
+    /// Change one L2 entry in the cache (written back later).
     pub(crate) async fn set_l2_entry(
         &self,
         meta: &mut Meta,
@@ -241,16 +368,10 @@ impl Image {
         idx: u64,
         e: L2Entry,
     ) -> Result<()> {
-        let (at, bytes) = if self.geo.extended {
-            (l2_off + idx * 16, words_to_be(&[e.word, e.bitmap]))
-        } else {
-            (l2_off + idx * 8, words_to_be(&[e.word]))
-        };
-        self.file
-            .write_at(at, &bytes)
-            .await
-            .ctx("cannot write an L2 table")?;
-        meta.l2.update(l2_off, idx as usize, e, self.geo.extended);
+        if !meta.l2.update(l2_off, idx as usize, e, self.geo.extended) {
+            self.l2_table(meta, l2_off).await?;
+            meta.l2.update(l2_off, idx as usize, e, self.geo.extended);
+        }
         Ok(())
     }
 
@@ -267,27 +388,23 @@ impl Image {
         let old = meta.l2_offset(l1i, cs)?;
         if let (Some(off), true) = (old, entry & COPIED != 0) {
             // Written in place: it must be a real L2 table in the file, not other metadata.
-            meta.l2_table(self.file.as_ref(), off, cs).await?;
+            self.l2_table(meta, off).await?;
             self.check_overlap(meta, "L2 table", off, cs)?;
             return Ok((off, idx));
         }
         let table = match old {
-            Some(off) => meta.l2_table(self.file.as_ref(), off, cs).await?.to_vec(),
+            Some(off) => self.l2_table(meta, off).await?.to_vec(),
             None => vec![0u64; (cs / 8) as usize],
         };
         let new_off = meta.rc.alloc(self.file.as_ref(), 1).await?;
-        self.order_barrier().await?;
-        self.file
-            .write_at(new_off, &words_to_be(&table))
-            .await
-            .ctx("cannot write an L2 table")?;
+        self.cache_l2(meta, new_off, Arc::new(table), true).await?;
+        // The new table and its refcount are durable before the L1 entry points at it.
+        self.writeback(meta).await?;
         self.file.flush().await.ctx("cannot flush the image")?;
         self.set_l1_entry(meta, l1i, new_off | COPIED).await?;
-        meta.l2.insert(new_off, std::sync::Arc::new(table));
         if let Some(off) = old {
-            self.file.flush().await.ctx("cannot flush the image")?;
-            meta.rc.adjust(self.file.as_ref(), off / cs, -1).await?;
             meta.l2.remove(off);
+            meta.pending_unref.push(off / cs);
         }
         Ok((new_off, idx))
     }
@@ -317,39 +434,41 @@ impl Image {
         self.check_range(offset, len)?;
         let cs = self.geo.cluster_size();
         let scs = self.geo.subcluster_size();
-        let mut meta = self.meta.lock().await;
-        let r = async {
-            self.mark_dirty(&mut meta).await?;
-            let end = offset + len;
-            let mut pos = offset;
-            while pos < end {
-                let gc = pos / cs;
-                let a = pos % cs;
-                let b = (cs.min(end - gc * cs)).max(a);
-                // Whole subclusters inside a..b go through the entry; the edges get zero data.
-                let (za, zb) = (a.div_ceil(scs) * scs, b / scs * scs);
-                let by_flag = za < zb
-                    && self
-                        .zero_by_flag(&mut meta, gc, za, zb, unmap, backing)
-                        .await?;
-                let parts: &[(u64, u64)] = if by_flag {
-                    &[(a, za), (zb, b)]
-                } else {
-                    &[(a, b)]
-                };
-                for &(x, y) in parts {
-                    if x < y {
-                        let zeros = vec![0u8; (y - x) as usize];
-                        self.write_cluster(&mut meta, gc, x, &zeros, backing)
-                            .await?;
-                    }
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let gc = pos / cs;
+            let a = pos % cs;
+            let b = (cs.min(end - gc * cs)).max(a);
+            // Whole subclusters inside a..b go through the entry; the edges get zero data.
+            let (za, zb) = (a.div_ceil(scs) * scs, b / scs * scs);
+            let by_flag = if za < zb {
+                let meta = self.meta.lock().await;
+                let mut meta = self.wait_idle(meta, gc).await;
+                let r = async {
+                    self.mark_dirty(&mut meta).await?;
+                    self.zero_by_flag(&mut meta, gc, za, zb, unmap, backing)
+                        .await
                 }
-                pos = gc * cs + b;
+                .await;
+                self.settle(&mut meta, r).await?
+            } else {
+                false
+            };
+            let parts: &[(u64, u64)] = if by_flag {
+                &[(a, za), (zb, b)]
+            } else {
+                &[(a, b)]
+            };
+            for &(x, y) in parts {
+                if x < y {
+                    let zeros = vec![0u8; (y - x) as usize];
+                    self.write_cluster(gc, x, &zeros, backing).await?;
+                }
             }
-            Ok(())
+            pos = gc * cs + b;
         }
-        .await;
-        self.settle(&mut meta, r).await
+        Ok(())
     }
 
     /// Zero whole subclusters `a..b` of cluster `gc` through its L2 entry; `false` when the
@@ -419,8 +538,7 @@ impl Image {
         let kept =
             new.word & L2_OFFSET_MASK == old.word & L2_OFFSET_MASK && new.word & COMPRESSED == 0;
         if !kept {
-            self.file.flush().await.ctx("cannot flush the image")?;
-            self.unref_entry(meta, old).await?;
+            self.unref_entry(meta, old);
         }
         Ok(())
     }
@@ -433,40 +551,42 @@ impl Image {
         self.check_writable()?;
         self.check_range(offset, len)?;
         let cs = self.geo.cluster_size();
+        let (first, end) = (offset.div_ceil(cs), (offset + len) / cs);
+        let end = if offset + len == self.size() {
+            (offset + len).div_ceil(cs)
+        } else {
+            end
+        };
         let mut meta = self.meta.lock().await;
-        let r = async {
-            self.mark_dirty(&mut meta).await?;
-            let (first, end) = (offset.div_ceil(cs), (offset + len) / cs);
-            let end = if offset + len == self.size() {
-                (offset + len).div_ceil(cs)
-            } else {
-                end
-            };
-            for gc in first..end {
-                let e = self.entry_of(&mut meta, gc).await?;
-                let unallocated = e.word == 0 && e.bitmap == 0;
-                if unallocated && (!has_backing || meta.header.version < 3) {
-                    continue;
-                }
-                let new = if meta.header.version < 3 {
-                    L2Entry::default()
-                } else if self.geo.extended {
-                    L2Entry {
-                        word: 0,
-                        bitmap: ALL_ZERO_BITMAP,
-                    }
-                } else {
-                    L2Entry {
-                        word: ZERO_FLAG,
-                        bitmap: 0,
-                    }
-                };
-                self.replace_entry(&mut meta, gc, e, new).await?;
-            }
-            Ok(())
+        for gc in first..end {
+            meta = self.wait_idle(meta, gc).await;
+            let r = self.discard_cluster(&mut meta, gc, has_backing).await;
+            self.settle(&mut meta, r).await?;
         }
-        .await;
-        self.settle(&mut meta, r).await
+        Ok(())
+    }
+
+    async fn discard_cluster(&self, meta: &mut Meta, gc: u64, has_backing: bool) -> Result<()> {
+        self.mark_dirty(meta).await?;
+        let e = self.entry_of(meta, gc).await?;
+        let unallocated = e.word == 0 && e.bitmap == 0;
+        if unallocated && (!has_backing || meta.header.version < 3) {
+            return Ok(());
+        }
+        let new = if meta.header.version < 3 {
+            L2Entry::default()
+        } else if self.geo.extended {
+            L2Entry {
+                word: 0,
+                bitmap: ALL_ZERO_BITMAP,
+            }
+        } else {
+            L2Entry {
+                word: ZERO_FLAG,
+                bitmap: 0,
+            }
+        };
+        self.replace_entry(meta, gc, e, new).await
     }
 
     /// Grow the virtual disk to `new_size` bytes (shrinking is refused).
@@ -511,6 +631,8 @@ impl Image {
             .write_at(new_off, &raw)
             .await
             .ctx("cannot write the L1 table")?;
+        // The new table's refcounts are durable before the header points at it.
+        meta.rc.write_dirty(self.file.as_ref()).await?;
         self.file.flush().await.ctx("cannot flush the image")?;
         let mut field = (entries as u32).to_be_bytes().to_vec();
         field.extend_from_slice(&new_off.to_be_bytes());
@@ -562,10 +684,11 @@ impl Image {
         let Some(packed) = crate::compress::compress(self.compression, &cluster) else {
             return self.write(offset, buf, None).await;
         };
-        let mut meta = self.meta.lock().await;
+        let gc = offset / cs;
+        let meta = self.meta.lock().await;
+        let mut meta = self.wait_idle(meta, gc).await;
         let r = async {
             self.mark_dirty(&mut meta).await?;
-            let gc = offset / cs;
             let (l2_off, idx) = self.l2_for_write(&mut meta, gc).await?;
             let old = self.entry_of(&mut meta, gc).await?;
             let len = packed.len() as u64;
@@ -585,8 +708,7 @@ impl Image {
             };
             self.set_l2_entry(&mut meta, l2_off, idx, new).await?;
             if self.geo.is_allocated(old) || old.word & COMPRESSED != 0 {
-                self.file.flush().await.ctx("cannot flush the image")?;
-                self.unref_entry(&mut meta, old).await?;
+                self.unref_entry(&mut meta, old);
             }
             Ok(())
         }
@@ -604,12 +726,10 @@ impl Image {
             meta.rc
                 .adjust(self.file.as_ref(), tail >> self.geo.cluster_bits, 1)
                 .await?;
-            self.order_barrier().await?;
             meta.compress_tail = tail + len;
             return Ok(tail);
         }
         let host = meta.rc.alloc(self.file.as_ref(), 1).await?;
-        self.order_barrier().await?;
         meta.compress_tail = host + len;
         Ok(host)
     }

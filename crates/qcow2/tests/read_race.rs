@@ -83,6 +83,8 @@ async fn race(compressed_first: bool) {
     storage.reached.notified().await;
     // The read has mapped cluster 0 and waits in the storage: free the cluster and allocate.
     image.discard(0, 4096, false).await.unwrap();
+    // The write-back applies the deferred decrement: the cluster is free but pinned.
+    image.flush().await.unwrap();
     for c in 1..4u64 {
         image.write(c * 4096, &[0xee; 4096], None).await.unwrap();
     }

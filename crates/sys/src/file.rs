@@ -36,6 +36,26 @@ pub fn fallocate(file: &File, mode: FallocMode, offset: u64, len: u64) -> io::Re
     Ok(())
 }
 
+/// `preadv2(2)` with `RWF_NOWAIT`: read what the page cache holds at `offset` without
+/// blocking. Returns the bytes read (0 at end of file); `WouldBlock` when the data is not
+/// cached (or the kernel cannot tell without blocking), `Unsupported`-like errors on kernels
+/// or files without the flag.
+pub fn pread_nowait(file: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    let offset = off_t(offset)?;
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the descriptor is owned by `file`, which outlives the call; the one iovec
+    // describes `buf`, which is exclusively borrowed for the duration of the call, and the
+    // kernel writes at most `iov_len` bytes into it.
+    let ret = unsafe { libc::preadv2(file.as_raw_fd(), &iov, 1, offset, libc::RWF_NOWAIT) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    usize::try_from(ret).map_err(|_| io::Error::from_raw_os_error(libc::EIO))
+}
+
 /// Which kind of region `seek` looks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Seek {
@@ -185,6 +205,28 @@ mod tests {
         assert_eq!(buf.as_slice().as_ptr() as usize % 4096, 0);
         assert_eq!(buf.len(), 4096);
         assert!(buf.as_slice().iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn nowait_read_returns_cached_data_and_stops_at_eof() {
+        let mut f = tempfile::tempfile().unwrap();
+        f.write_all(&[7u8; 10_000]).unwrap();
+        let mut buf = vec![0u8; 8192];
+        match pread_nowait(&f, &mut buf, 4096) {
+            Ok(n) => {
+                assert_eq!(n, 8192 - (12_288 - 10_000));
+                assert!(buf[..n].iter().all(|&b| b == 7));
+            }
+            // Kernels or file systems without RWF_NOWAIT refuse it; callers fall back.
+            Err(e) => assert!(
+                matches!(
+                    e.raw_os_error(),
+                    Some(libc::EOPNOTSUPP) | Some(libc::EAGAIN)
+                ),
+                "{e}"
+            ),
+        }
+        assert_eq!(pread_nowait(&f, &mut buf, 20_000).unwrap_or(0), 0);
     }
 
     #[test]

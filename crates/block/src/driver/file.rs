@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::{BlockDriver, DriverInfo, Extent, FormatSpecific, WriteFlags, ZeroFlags};
@@ -53,6 +53,9 @@ pub struct FileDriver {
     read_only: bool,
     /// Aligned writes take it shared, read-modify-write cycles exclusively.
     rmw: tokio::sync::RwLock<()>,
+    /// Reads try the page cache on the calling thread first (`RWF_NOWAIT`); cleared when
+    /// the kernel or file system refuses the flag.
+    nowait: AtomicBool,
 }
 
 async fn blocking<R: Send + 'static>(
@@ -178,6 +181,7 @@ impl FileDriver {
             force_share: flags.force_share,
             read_only,
             rmw: tokio::sync::RwLock::new(()),
+            nowait: AtomicBool::new(!direct),
         };
         Ok((driver, read_only))
     }
@@ -233,6 +237,33 @@ impl FileDriver {
         Ok(())
     }
 
+    /// Reads what the page cache holds from `offset` on this thread, without blocking, and
+    /// returns how many bytes of `buf` are done (all of it at the end of the file, which
+    /// reads as zeroes). The rest goes to the worker pool.
+    fn read_cached(&self, offset: u64, buf: &mut [u8]) -> usize {
+        if !self.nowait.load(Ordering::Relaxed) {
+            return 0;
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            match sys::file::pread_nowait(&self.file, &mut buf[done..], offset + done as u64) {
+                Ok(0) => {
+                    buf[done..].fill(0);
+                    return buf.len();
+                }
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {
+                    self.nowait.store(false, Ordering::Relaxed);
+                    break;
+                }
+                // Not cached, or a real error the pool's read reports.
+                Err(_) => break,
+            }
+        }
+        done
+    }
+
     fn lock_bytes(&self, perm: Perm, shared: Perm) -> (Perm, Perm) {
         let shared = if self.force_share { Perm::ALL } else { shared };
         (perm, !shared)
@@ -256,14 +287,19 @@ impl BlockDriver for FileDriver {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let file = self.file.clone();
         if !self.direct {
-            let len = buf.len();
+            let done = self.read_cached(offset, buf);
+            if done == buf.len() {
+                return Ok(());
+            }
+            let rest = &mut buf[done..];
+            let (at, len) = (offset + done as u64, rest.len());
             let data = blocking(move || {
                 let mut data = vec![0u8; len];
-                pread_full(&file, offset, &mut data)?;
+                pread_full(&file, at, &mut data)?;
                 Ok(data)
             })
             .await?;
-            buf.copy_from_slice(&data);
+            rest.copy_from_slice(&data);
             return Ok(());
         }
         let (start, end) = self.aligned_range(offset, buf.len() as u64);
@@ -278,6 +314,10 @@ impl BlockDriver for FileDriver {
         Ok(())
     }
 
+    fn grows_on_write(&self) -> bool {
+        !self.read_only
+    }
+
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
         if self.direct {
             self.write_direct(offset, buf).await?;
@@ -286,6 +326,8 @@ impl BlockDriver for FileDriver {
             let data = buf.to_vec();
             blocking(move || file.write_all_at(&data, offset)).await?;
         }
+        let end = offset.saturating_add(buf.len() as u64);
+        self.size.fetch_max(sector_rounded(end), Ordering::AcqRel);
         if flags.fua {
             self.sync().await?;
         }

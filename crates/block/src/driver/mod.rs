@@ -112,6 +112,11 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// Writes `buf` at `offset`.
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()>;
+    /// Whether a write may run past the end and grow the node (a file does; its size then
+    /// covers the write). Parent format drivers use it to append without a resize each time.
+    fn grows_on_write(&self) -> bool {
+        false
+    }
     /// Makes `len` bytes at `offset` read as zeroes.
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()>;
     /// Hints that `len` bytes at `offset` are no longer needed.

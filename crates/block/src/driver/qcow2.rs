@@ -75,7 +75,15 @@ impl qcow2::Storage for NodeStorage {
         let end = offset
             .checked_add(buf.len() as u64)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        if end > self.node.size() {
+        if self
+            .node
+            .write_growing(offset, buf)
+            .await
+            .map_err(io_error)?
+        {
+            return Ok(());
+        }
+        {
             let _growing = self.grow.lock().await;
             if end > self.node.size() {
                 self.node.truncate(end).await.map_err(io_error)?;
