@@ -392,8 +392,12 @@ impl Refcounts {
                     continue 'retry;
                 }
                 if self.block_offset(ti)?.is_none() {
-                    // A free cluster whose refcount block is missing becomes that block.
-                    self.install_block(file, ti, c).await?;
+                    // The block goes to the first free cluster (describing itself when that
+                    // lies in its own range), as QEMU places it, then the search starts
+                    // again. Putting it at `c` instead could march forever: a run as long
+                    // as a block's range, starting right after a new block, always ends
+                    // on the next range's first cluster.
+                    Box::pin(self.new_block(file, ti)).await?;
                     continue 'retry;
                 }
             }
