@@ -40,7 +40,27 @@ pub struct BlockGraph {
 struct UserRecord {
     id: u64,
     name: String,
-    node: Arc<Node>,
+    /// A block job's edge (dumped as a `block-job` vertex) rather than a block backend's.
+    job: bool,
+    /// The node the user is on; a filter inserted above it takes its place (see
+    /// [`BlockGraph::insert_filter`]).
+    node: Mutex<Arc<Node>>,
+}
+
+impl UserRecord {
+    fn node(&self) -> Arc<Node> {
+        match self.node.lock() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn set_node(&self, node: Arc<Node>) {
+        match self.node.lock() {
+            Ok(mut guard) => *guard = node,
+            Err(poisoned) => *poisoned.into_inner() = node,
+        }
+    }
 }
 
 /// A user of a node (export, job, temporary handle): holds a `root` edge with its
@@ -63,6 +83,7 @@ pub struct GraphDump {
 pub enum DumpNodeType {
     BlockBackend,
     BlockDriver,
+    BlockJob,
 }
 
 impl DumpNodeType {
@@ -71,6 +92,7 @@ impl DumpNodeType {
         match self {
             DumpNodeType::BlockBackend => "block-backend",
             DumpNodeType::BlockDriver => "block-driver",
+            DumpNodeType::BlockJob => "block-job",
         }
     }
 }
@@ -529,6 +551,21 @@ impl BlockGraph {
         attach_user(&node, perm, shared, name, &self.users)
     }
 
+    /// Attaches block job `job`'s edge named `role` (`main node`, `target`) to `node_name`.
+    pub fn attach_job(
+        &self,
+        node_name: &str,
+        perm: Perm,
+        shared: Perm,
+        job: &str,
+        role: &str,
+    ) -> Result<Backend> {
+        let node = self
+            .get(node_name)
+            .ok_or_else(|| Error::NodeNotFound(node_name.to_string()))?;
+        attach_as(&node, perm, shared, job, role, &self.users)
+    }
+
     /// `x-blockdev-amend`'s checks, in QEMU's order: the node exists, `driver` (the
     /// options' branch) is the node's driver, and that driver can amend. The hold keeps
     /// the node out of `blockdev-del` until the job lets it go.
@@ -572,6 +609,139 @@ impl BlockGraph {
         result
     }
 
+    /// Inserts a filter node above `below`: opens `driver` as node `name` (a generated
+    /// `#block…` name when `None`) with `children` (the first is `below` itself), drains
+    /// `below`, and moves every user of `below` onto the filter, so all their requests pass
+    /// through it. Node parents of `below` cannot be moved yet: such a node is refused.
+    pub async fn insert_filter(
+        &mut self,
+        below: &str,
+        name: Option<String>,
+        driver: Box<dyn BlockDriver>,
+        children: Vec<Child>,
+    ) -> Result<Arc<Node>> {
+        let node = self
+            .get(below)
+            .ok_or_else(|| Error::NodeNotFound(below.to_string()))?;
+        let parents = node.parents();
+        if let Some(ParentKey::Node(parent)) = parents
+            .iter()
+            .map(|e| e.key.clone())
+            .find(|k| matches!(k, ParentKey::Node(_)))
+        {
+            return Err(Error::FormatOption(format!(
+                "Cannot insert a filter above node '{below}': it is a child of node '{parent}'"
+            )));
+        }
+        if let Some(name) = &name {
+            validate_node_name(name)?;
+            if self.nodes.contains_key(name) {
+                return Err(Error::DuplicateNodeName(name.clone()));
+            }
+        }
+        let mut slot = name;
+        let name = self.name_now(&mut slot);
+        let flags = NodeFlags {
+            active: true,
+            ..node.flags()
+        };
+        let filter = Arc::new(Node::new(name.clone(), true, driver, flags, children));
+        node.gate().drain().await;
+        let result = self.move_users(&node, &filter, &parents);
+        let result = result.and_then(|()| {
+            for child in filter.children() {
+                let key = ParentKey::Node(name.clone());
+                let (perm, shared) = child.role.child_perms(Perm::NONE, Perm::ALL);
+                let edge = ParentEdge {
+                    key: key.clone(),
+                    desc: format!("node '{name}'"),
+                    role: child.name.clone(),
+                    perm,
+                    shared,
+                };
+                update_edge(&child.node, key, Some(edge))?;
+            }
+            // The users' permissions reach the source through the filter now.
+            recompute_children(&filter)
+        });
+        if let Err(err) = result {
+            for child in filter.children() {
+                remove_edge(&child.node, ParentKey::Node(name.clone()));
+            }
+            let _ = self.move_users(&filter, &node, &filter.parents());
+            node.gate().undrain();
+            return Err(err);
+        }
+        self.nodes.insert(name, filter.clone());
+        node.gate().undrain();
+        Ok(filter)
+    }
+
+    /// Moves the users among `edges` (the parent edges of `from`) onto `to`. A user whose
+    /// edge does not fit on `to` stays where it was and the error is returned.
+    fn move_users(&self, from: &Arc<Node>, to: &Arc<Node>, edges: &[ParentEdge]) -> Result<()> {
+        let users = self.live_users();
+        for edge in edges {
+            let ParentKey::User(id) = edge.key else {
+                continue;
+            };
+            remove_edge(from, edge.key.clone());
+            if let Err(err) = update_edge(to, edge.key.clone(), Some(edge.clone())) {
+                // It held this edge a moment ago, so it fits again.
+                let _ = update_edge(from, edge.key.clone(), Some(edge.clone()));
+                return Err(err);
+            }
+            if let Some(user) = users.iter().find(|u| u.id == id) {
+                user.set_node(to.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes a filter that [`BlockGraph::insert_filter`] put in: its users go back to the
+    /// node below (its first child) and the filter leaves the graph. Requests already in
+    /// the filter finish there; new ones go straight to the node below.
+    pub fn remove_filter(&mut self, name: &str) -> Result<()> {
+        let filter = self
+            .get(name)
+            .ok_or_else(|| Error::NodeNotFound(name.to_string()))?;
+        let below = filter
+            .children()
+            .first()
+            .map(|c| c.node.clone())
+            .ok_or_else(|| Error::NodeNotFound(name.to_string()))?;
+        let edges: Vec<ParentEdge> = filter
+            .parents()
+            .into_iter()
+            .filter(|e| matches!(e.key, ParentKey::User(_)))
+            .collect();
+        // Off the filter first (which relaxes its own edges), then the filter's edges go,
+        // and only then do the users' edges fit on the node below.
+        for edge in &edges {
+            remove_edge(&filter, edge.key.clone());
+        }
+        for child in filter.children() {
+            remove_edge(&child.node, ParentKey::Node(name.to_string()));
+        }
+        self.nodes.shift_remove(name);
+        let users = self.live_users();
+        let mut result = Ok(());
+        for edge in edges {
+            let ParentKey::User(id) = edge.key else {
+                continue;
+            };
+            // Each of them held this edge on the node below before the filter came.
+            if let Err(err) = update_edge(&below, edge.key.clone(), Some(edge)) {
+                result = Err(err);
+                continue;
+            }
+            if let Some(user) = users.iter().find(|u| u.id == id) {
+                user.set_node(below.clone());
+            }
+        }
+        result
+    }
+
     /// `x-debug-query-block-graph`.
     pub fn debug_graph(&self) -> GraphDump {
         let mut ids: IndexMap<String, u64> = IndexMap::new();
@@ -585,16 +755,40 @@ impl BlockGraph {
         };
         let mut nodes = Vec::new();
         let mut edges = Vec::new();
+        // QEMU lists a job's nodes newest edge first.
+        let mut users: Vec<Arc<UserRecord>> = Vec::new();
         for user in self.live_users() {
-            let id = id_of(format!("user:{}", user.id), &mut ids);
-            nodes.push(DumpNode {
-                id,
-                node_type: DumpNodeType::BlockBackend,
-                name: user.name.clone(),
-            });
-            let child = id_of(format!("node:{}", user.node.name()), &mut ids);
-            if let Some(edge) = user
-                .node
+            let first = users
+                .iter()
+                .position(|u| u.job && user.job && u.name == user.name);
+            match first {
+                Some(at) => users.insert(at, user),
+                None => users.push(user),
+            }
+        }
+        for user in users {
+            // A job is one vertex, whatever number of edges it holds.
+            let key = if user.job {
+                format!("job:{}", user.name)
+            } else {
+                format!("user:{}", user.id)
+            };
+            let seen = ids.contains_key(&key);
+            let id = id_of(key, &mut ids);
+            if !seen {
+                nodes.push(DumpNode {
+                    id,
+                    node_type: if user.job {
+                        DumpNodeType::BlockJob
+                    } else {
+                        DumpNodeType::BlockBackend
+                    },
+                    name: user.name.clone(),
+                });
+            }
+            let user_node = user.node();
+            let child = id_of(format!("node:{}", user_node.name()), &mut ids);
+            if let Some(edge) = user_node
                 .parents()
                 .into_iter()
                 .find(|e| e.key == ParentKey::User(user.id))
@@ -632,6 +826,24 @@ impl BlockGraph {
     }
 }
 
+/// Sets the edges from `node` to its children from `node`'s current parents.
+fn recompute_children(node: &Arc<Node>) -> Result<()> {
+    let (perm, shared) = cumulative(&node.parents());
+    for child in node.children() {
+        let key = ParentKey::Node(node.name().to_string());
+        let (cp, cs) = child.role.child_perms(perm, shared);
+        let edge = ParentEdge {
+            key: key.clone(),
+            desc: format!("node '{}'", node.name()),
+            role: child.name.clone(),
+            perm: cp,
+            shared: cs,
+        };
+        update_edge(&child.node, key, Some(edge))?;
+    }
+    Ok(())
+}
+
 fn dump_edge(parent: u64, child: u64, edge: &ParentEdge) -> DumpEdge {
     DumpEdge {
         parent,
@@ -649,8 +861,23 @@ fn attach_user(
     name: &str,
     users: &Mutex<Vec<Weak<UserRecord>>>,
 ) -> Result<Backend> {
+    attach_as(node, perm, shared, name, "root", users)
+}
+
+/// Attaches a user whose edge is named `role`: `root` for block backends, anything else
+/// (`main node`, `target`) for a block job named `name`.
+fn attach_as(
+    node: &Arc<Node>,
+    perm: Perm,
+    shared: Perm,
+    name: &str,
+    role: &str,
+    users: &Mutex<Vec<Weak<UserRecord>>>,
+) -> Result<Backend> {
     let id = NEXT_USER_ID.fetch_add(1, Ordering::Relaxed);
-    let desc = if name.is_empty() {
+    let desc = if role != "root" {
+        format!("block job '{name}'")
+    } else if name.is_empty() {
         "an unnamed block device".to_string()
     } else {
         format!("block device '{name}'")
@@ -658,7 +885,7 @@ fn attach_user(
     let edge = ParentEdge {
         key: ParentKey::User(id),
         desc,
-        role: "root".into(),
+        role: role.into(),
         perm,
         shared,
     };
@@ -666,7 +893,8 @@ fn attach_user(
     let record = Arc::new(UserRecord {
         id,
         name: name.to_string(),
-        node: node.clone(),
+        job: role != "root",
+        node: Mutex::new(node.clone()),
     });
     let mut list = match users.lock() {
         Ok(guard) => guard,
@@ -678,14 +906,15 @@ fn attach_user(
 
 impl Drop for UserRecord {
     fn drop(&mut self) {
-        remove_edge(&self.node, ParentKey::User(self.id));
+        remove_edge(&self.node(), ParentKey::User(self.id));
     }
 }
 
 impl Backend {
-    /// The node this user is attached to.
-    pub fn node(&self) -> &Arc<Node> {
-        &self.record.node
+    /// The node this user is attached to (a filter inserted above the node it attached
+    /// to takes its place).
+    pub fn node(&self) -> Arc<Node> {
+        self.record.node()
     }
 
     /// The permissions this user holds.

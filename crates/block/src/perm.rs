@@ -119,6 +119,12 @@ pub enum ChildRole {
         /// The parent node is writable.
         writable: bool,
     },
+    /// The source below a copy-before-write filter: the filter's users' permissions plus
+    /// consistent reads (it copies old data); nobody else may write or resize it, or the
+    /// copy would miss the change.
+    CbwSource,
+    /// The target a copy-before-write filter copies to: written; others may read and write.
+    CbwTarget,
     /// A `backing` child: read when the parent's users need consistent reads; others
     /// may change it only when the parent's users allow writes.
     Cow,
@@ -129,6 +135,14 @@ impl ChildRole {
     pub fn child_perms(self, perm: Perm, shared: Perm) -> (Perm, Perm) {
         match self {
             ChildRole::Filtered => (perm, shared),
+            ChildRole::CbwSource => (
+                perm | Perm::CONSISTENT_READ,
+                Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
+            ),
+            ChildRole::CbwTarget => (
+                Perm::WRITE,
+                Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED,
+            ),
             ChildRole::Data => (perm, shared & !Perm::RESIZE),
             ChildRole::Metadata { writable } => {
                 let mut child = Perm::CONSISTENT_READ | (perm & Perm::WRITE_UNCHANGED);

@@ -38,6 +38,7 @@ macro_rules! scenarios {
 }
 
 scenarios!(
+    backup,
     blockdev,
     blockdev_create,
     cmdline_blockdev,

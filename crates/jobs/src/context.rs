@@ -137,6 +137,9 @@ pub(crate) struct Shared {
     pub complete_requested: AtomicBool,
     /// The worker is active (not parked at a pause point or asleep).
     pub busy: AtomicBool,
+    /// The manager shows the job PAUSED at its first pause point (announced at start); a
+    /// drained section that ended before the worker got there clears it.
+    pub shown_paused: AtomicBool,
     pub current: AtomicU64,
     pub total: AtomicU64,
     pub limit: Mutex<RateLimit>,
@@ -152,6 +155,7 @@ impl Shared {
             cancelled: AtomicBool::new(false),
             force: AtomicBool::new(false),
             complete_requested: AtomicBool::new(false),
+            shown_paused: AtomicBool::new(false),
             busy: AtomicBool::new(false),
             current: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -233,8 +237,12 @@ impl JobContext {
     pub(crate) async fn pause_point_announced(&self, announced: bool) -> Result<(), Cancelled> {
         if announced || self.shared.should_pause() {
             self.shared.busy.store(false, SeqCst);
+            // Whether the manager shows this pause; the start announces the first one, unless
+            // the manager already moved the job on.
+            let mut shown = announced && self.shared.shown_paused.swap(false, SeqCst);
             if !announced {
                 self.notify(NoticeKind::Paused);
+                shown = true;
             }
             loop {
                 let woken = self.shared.wake.notified();
@@ -243,10 +251,16 @@ impl JobContext {
                 if !self.shared.should_pause() {
                     break;
                 }
+                if !shown {
+                    self.notify(NoticeKind::Paused);
+                    shown = true;
+                }
                 woken.await;
             }
             self.shared.busy.store(true, SeqCst);
-            self.notify(NoticeKind::Resumed);
+            if shown {
+                self.notify(NoticeKind::Resumed);
+            }
         }
         if self.is_cancelled() {
             Err(Cancelled)

@@ -378,6 +378,7 @@ impl<C: 'static> JobManager<C> {
         job.sync_pause();
         job.shared.busy.store(true, SeqCst);
         let parked = job.shared.should_pause();
+        job.shared.shown_paused.store(parked, SeqCst);
         let ctx = JobContext {
             key,
             shared: job.shared.clone(),
@@ -433,11 +434,21 @@ impl<C: 'static> JobManager<C> {
         Ok(())
     }
 
-    /// Drops an internal pause taken by [`JobManager::pause_internal`].
+    /// Drops an internal pause taken by [`JobManager::pause_internal`]. A job paused at a
+    /// pause point runs again at once (QEMU enters the job's coroutine right away, so the
+    /// RUNNING event precedes the reply of the command that ended the drained section); the
+    /// worker's own notice then changes nothing.
     pub fn resume_internal(&mut self, id: &str) -> Result<(), JobError> {
         let key = self.find(id)?;
         let job = self.job_mut(key).ok_or(JobError::NotFound)?;
         Self::drop_pause(job);
+        if job.pause_count == 0 && job.shared.shown_paused.swap(false, SeqCst) {
+            match job.status {
+                JobStatus::Paused => self.transition(key, JobStatus::Running),
+                JobStatus::Standby => self.transition(key, JobStatus::Ready),
+                _ => {}
+            }
+        }
         Ok(())
     }
 

@@ -231,6 +231,11 @@ async fn start_drained(h: &mut Harness, id: &str) {
     h.jobs.pause_internal(id).unwrap();
     h.jobs.start(id).unwrap();
     h.jobs.resume_internal(id).unwrap();
+    // RUNNING comes at once, before the worker ran; let it get into its body.
+    assert_eq!(h.jobs.status(id), Some(JobStatus::Running));
+    for _ in 0..16 {
+        tokio::task::yield_now().await;
+    }
     h.until_status(id, JobStatus::Running).await;
 }
 

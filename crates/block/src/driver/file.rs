@@ -465,10 +465,12 @@ impl BlockDriver for FileDriver {
             }
         })
         .await?;
+        // A protocol node determines all of its contents: holes too are allocated here
+        // (they read as zeroes), as QEMU counts them.
         Ok(Extent {
             data,
             zero: !data,
-            allocated: data,
+            allocated: true,
             len: run.clamp(1, len),
         })
     }

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 use crate::filename::Filename;
 use crate::perm::Perm;
 
+pub mod cbw;
 pub mod create;
 pub mod file;
 pub mod null;

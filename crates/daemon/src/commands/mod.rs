@@ -5,6 +5,7 @@
 //! `query-commands` and `query-qmp-schema` list exactly what is dispatched.
 //! `qmp_capabilities` is the only command a monitor session answers itself.
 
+mod backup;
 mod blockdev;
 mod control;
 mod job;
@@ -34,6 +35,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("block_resize", blockdev::block_resize),
     ("blockdev-create", blockdev::blockdev_create),
     ("x-blockdev-amend", blockdev::x_blockdev_amend),
+    ("blockdev-backup", backup::blockdev_backup),
     ("query-named-block-nodes", blockdev::query_named_block_nodes),
     ("query-block", blockdev::query_block),
     (

@@ -1,0 +1,364 @@
+//! `blockdev-backup`: a point-in-time copy of a node to another node.
+//!
+//! The command inserts a `copy-before-write` filter above the source (every user of the
+//! source now writes through it) and starts a `backup` job. The filter copies a cluster's
+//! old contents to the target before a guest write changes it; the job copies every other
+//! cluster in the background, several at a time, at the job's speed. Both go through one
+//! [`CbwState`], so each cluster is copied once. When the job ends, the filter is taken out
+//! again (users back on the source) and stops copying.
+
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use block::driver::cbw::{CbwDriver, CbwState, OnCbwError};
+use block::{Backend, BlockGraph, Perm};
+use jobs::{ErrorAction, IoOperation, JobContext, JobDriver, JobOptions, JobType, OnError};
+use qapi::QmpError;
+use serde::Deserialize;
+use serde_json::Value;
+use tokio::task::JoinSet;
+
+use super::{args, block_error, empty, job_error, Reply};
+use crate::control::State;
+
+/// Copy unit when the target does not ask for another (QEMU's backup default).
+const DEFAULT_CLUSTER: u64 = 64 << 10;
+/// Clusters copied at once by the job.
+const IN_FLIGHT: usize = 16;
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct BackupArgs {
+    job_id: Option<String>,
+    device: String,
+    target: String,
+    sync: String,
+    speed: Option<i64>,
+    bitmap: Option<String>,
+    compress: Option<bool>,
+    on_source_error: Option<String>,
+    on_target_error: Option<String>,
+    auto_finalize: Option<bool>,
+    auto_dismiss: Option<bool>,
+    filter_node_name: Option<String>,
+}
+
+/// Which part of the source the job copies.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sync {
+    /// Everything.
+    Full,
+    /// What the source's top layer allocates.
+    Top,
+    /// Nothing but what the filter copies before guest writes.
+    None,
+}
+
+/// What the job holds while it runs, released when it ends: its edges on the filter
+/// (`main node`) and on the target.
+struct Held {
+    _main: Backend,
+    target: Backend,
+}
+
+/// The `backup` job. The filter's name and the job's edges are filled in once the filter
+/// is in the graph (the job exists before it, as in QEMU).
+struct BackupJob {
+    state: Arc<CbwState>,
+    filter: Mutex<String>,
+    sync: Sync,
+    on_source_error: OnError,
+    on_target_error: OnError,
+    held: Mutex<Option<Held>>,
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The guarded values are plain data set in one assignment.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A failed cluster copy: which side failed, and how.
+struct CopyFailure {
+    read: bool,
+    err: block::Error,
+}
+
+fn nospace(err: &block::Error) -> bool {
+    err.errno() == Some(libc::ENOSPC)
+}
+
+impl BackupJob {
+    /// Copies cluster `c`; returns the bytes it copied (0 if someone else did).
+    async fn copy(state: Arc<CbwState>, c: u64) -> Result<u64, CopyFailure> {
+        let start = c * state.cluster_size();
+        let len = state.cluster_size().min(state.len() - start);
+        match state.copy_cluster_sided(c).await {
+            Ok(true) => Ok(len),
+            Ok(false) => Ok(0),
+            Err((read, err)) => Err(CopyFailure { read, err }),
+        }
+    }
+
+    /// One pass over the clusters still to copy. `Ok(false)`: an error was ignored or the
+    /// job was stopped and resumed, so another pass is needed.
+    async fn pass(&self, ctx: &JobContext) -> Result<bool, String> {
+        let mut set = JoinSet::new();
+        let mut next = 0;
+        let clusters = self.state.clusters();
+        let mut clean = true;
+        loop {
+            while set.len() < IN_FLIGHT && next < clusters {
+                if self.state.needs_copy(next) {
+                    set.spawn(Self::copy(self.state.clone(), next));
+                }
+                next += 1;
+            }
+            let Some(done) = set.join_next().await else {
+                return Ok(clean);
+            };
+            let done = done.map_err(|e| format!("backup worker failed: {e}"))?;
+            match done {
+                Ok(bytes) => {
+                    if bytes > 0 {
+                        ctx.progress_add(bytes);
+                    }
+                    ctx.rate_limit(bytes).await.map_err(String::from)?;
+                }
+                Err(failure) => {
+                    let (policy, op) = if failure.read {
+                        (self.on_source_error, IoOperation::Read)
+                    } else {
+                        (self.on_target_error, IoOperation::Write)
+                    };
+                    let action = ctx.io_error(policy, op, nospace(&failure.err)).await;
+                    if action == ErrorAction::Report {
+                        set.abort_all();
+                        return Err(failure.err.to_string());
+                    }
+                    clean = false;
+                    ctx.pause_point().await.map_err(String::from)?;
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl JobDriver<BlockGraph> for BackupJob {
+    fn job_type(&self) -> JobType {
+        JobType::Backup
+    }
+
+    async fn run(&self, ctx: JobContext) -> Result<(), String> {
+        let cs = self.state.cluster_size();
+        ctx.set_progress(0, (self.state.remaining() * cs).min(self.state.len()));
+        if self.sync != Sync::None {
+            while !self.pass(&ctx).await? {}
+        } else {
+            // Only the filter copies: wait until the job is cancelled.
+            loop {
+                ctx.sleep(std::time::Duration::from_millis(100))
+                    .await
+                    .map_err(String::from)?;
+            }
+        }
+        if let Some(err) = self.state.broken() {
+            return Err(err);
+        }
+        let target = locked(&self.held).as_ref().map(|h| h.target.node());
+        if let Some(target) = target {
+            target.flush().await.map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    fn clean(&self, graph: &mut BlockGraph) {
+        self.state.detach();
+        drop(locked(&self.held).take());
+        // The filter leaves the graph and its users go back to the source; it was put in
+        // by this job, so only a graph torn down meanwhile can be missing it.
+        let filter = locked(&self.filter).clone();
+        if !filter.is_empty() {
+            let _ = graph.remove_filter(&filter);
+        }
+    }
+}
+
+fn policy(name: Option<&str>) -> OnError {
+    name.and_then(OnError::parse).unwrap_or(OnError::Report)
+}
+
+/// Clusters the source's top layer does not allocate, for `sync=top`.
+async fn skip_unallocated(state: &CbwState, source: &block::Node) -> Result<(), block::Error> {
+    let cs = state.cluster_size();
+    let len = state.len();
+    let mut pos = 0;
+    while pos < len {
+        let ext = source.block_status(pos, len - pos).await?;
+        let end = pos + ext.len;
+        if !ext.allocated {
+            // Whole clusters inside the unallocated run only.
+            for c in pos.div_ceil(cs)..end / cs + u64::from(end == len) {
+                if c * cs >= pos && (c * cs + cs).min(len) <= end {
+                    state.skip(c);
+                }
+            }
+        }
+        pos = end;
+    }
+    Ok(())
+}
+
+pub fn blockdev_backup(state: &mut State, a: Value) -> Reply<'_> {
+    Box::pin(async move {
+        let a: BackupArgs = args(a)?;
+        let sync = match a.sync.as_str() {
+            "full" => Sync::Full,
+            "top" => Sync::Top,
+            "none" => Sync::None,
+            "incremental" if a.bitmap.is_none() => {
+                return Err(QmpError::generic(
+                    "must provide a valid bitmap name for 'incremental' sync mode",
+                ))
+            }
+            _ => {
+                let name = a.bitmap.unwrap_or_default();
+                return Err(QmpError::generic(format!(
+                    "Bitmap '{name}' could not be found"
+                )));
+            }
+        };
+        if let Some(name) = &a.bitmap {
+            return Err(QmpError::generic(format!(
+                "Bitmap '{name}' could not be found"
+            )));
+        }
+        let not_found = |name: &str| {
+            QmpError::generic(format!(
+                "Cannot find device='{name}' nor node-name='{name}'"
+            ))
+        };
+        let job_id = a.job_id.clone().unwrap_or_default();
+        if a.job_id.is_none() {
+            return Err(QmpError::generic(format!("Invalid job ID '{job_id}'")));
+        }
+        let source = state
+            .graph
+            .get(&a.device)
+            .ok_or_else(|| not_found(&a.device))?;
+        let target = state
+            .graph
+            .get(&a.target)
+            .ok_or_else(|| not_found(&a.target))?;
+        if source.name() == target.name() {
+            return Err(QmpError::generic("Source and target cannot be the same"));
+        }
+        let speed = a.speed.unwrap_or(0);
+        if a.compress == Some(true) {
+            return Err(QmpError::generic(
+                "Compression is not supported for this drive ",
+            ));
+        }
+        if source.size() != target.size() {
+            return Err(QmpError::generic(
+                "Source and target image have different sizes",
+            ));
+        }
+        let cluster = DEFAULT_CLUSTER.max(target.driver().info().cluster_size.unwrap_or(0));
+        let cbw = Arc::new(CbwState::new(
+            source.clone(),
+            target.clone(),
+            cluster,
+            OnCbwError::BreakGuestWrite,
+        ));
+        if sync == Sync::Top {
+            skip_unallocated(&cbw, &source).await.map_err(block_error)?;
+        }
+        let opts = JobOptions {
+            auto_finalize: a.auto_finalize.unwrap_or(true),
+            auto_dismiss: a.auto_dismiss.unwrap_or(true),
+            speed,
+            ..JobOptions::new(job_id.clone(), JobType::Backup)
+        };
+        let on_source_error = policy(a.on_source_error.as_deref());
+        let on_target_error = policy(a.on_target_error.as_deref());
+        // The job exists before the filter, as QEMU's: a filter that cannot be inserted
+        // makes it go from created straight to null.
+        let job = Arc::new(BackupJob {
+            state: cbw.clone(),
+            filter: Mutex::new(String::new()),
+            sync,
+            on_source_error,
+            on_target_error,
+            held: Mutex::new(None),
+        });
+        // QEMU opens the filter node (so a name in use fails here, before any job exists),
+        // creates the job, then attaches the filter's children.
+        if let Some(name) = &a.filter_node_name {
+            if state.graph.get(name).is_some() {
+                return Err(QmpError::generic(format!(
+                    "Could not create node: Duplicate nodes with node-name='{name}'"
+                )));
+            }
+        }
+        let id = state.jobs.create(opts, job.clone()).map_err(job_error)?;
+        let driver = CbwDriver::new(cbw.clone());
+        let children = driver.children();
+        let inserted = state
+            .graph
+            .insert_filter(
+                &a.device,
+                a.filter_node_name.clone(),
+                Box::new(driver),
+                children,
+            )
+            .await;
+        let filter = match inserted {
+            Ok(filter) => filter,
+            Err(err) => {
+                let _ = state.jobs.discard(id.as_str());
+                let msg = match err {
+                    block::Error::DuplicateNodeName(_) => {
+                        format!("Could not create node: {err}")
+                    }
+                    other => other.to_string(),
+                };
+                return Err(QmpError::generic(msg));
+            }
+        };
+        let held = state
+            .graph
+            .attach_job(
+                filter.name(),
+                Perm::NONE,
+                Perm::ALL,
+                id.as_str(),
+                "main node",
+            )
+            .and_then(|main| {
+                state
+                    .graph
+                    .attach_job(target.name(), Perm::NONE, Perm::ALL, id.as_str(), "target")
+                    .map(|target| Held {
+                        _main: main,
+                        target,
+                    })
+            });
+        let held = match held {
+            Ok(held) => held,
+            Err(err) => {
+                let _ = state.jobs.discard(id.as_str());
+                let _ = state.graph.remove_filter(filter.name());
+                return Err(block_error(err));
+            }
+        };
+        *locked(&job.filter) = filter.name().to_string();
+        *locked(&job.held) = Some(held);
+        // QEMU starts the job inside the drained section of the graph change, so it pauses
+        // at once and runs again when the section ends.
+        state.jobs.pause_internal(id.as_str()).map_err(job_error)?;
+        state.jobs.start(id.as_str()).map_err(job_error)?;
+        state.jobs.resume_internal(id.as_str()).map_err(job_error)?;
+        Ok(empty())
+    })
+}
