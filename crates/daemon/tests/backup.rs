@@ -1,0 +1,208 @@
+//! Black-box backups: `blockdev-backup` through the `blockd` binary in each sync mode, raw
+//! and qcow2 sources (a backing chain for `top`), targets checked with `qemu-img compare`
+//! and `qemu-img check`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use testkit::{Daemon, Qmp};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+fn blockd() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_blockd"))
+}
+
+fn run(program: &str, args: &[&str]) -> std::process::Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is needed (install qemu-utils): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn p(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+/// Starts blockd with `src` and `tgt` nodes of the given formats over the files.
+fn start(dir: &Path, src_fmt: &str, tgt_fmt: &str) -> (Daemon, Qmp) {
+    let args = [
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=sf,filename={}", p(dir, "src.img")),
+        "--blockdev".to_string(),
+        format!("driver={src_fmt},node-name=src,file=sf"),
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=tf,filename={}", p(dir, "tgt.img")),
+        "--blockdev".to_string(),
+        format!("driver={tgt_fmt},node-name=tgt,file=tf"),
+    ];
+    let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
+    // `qmp()` connects and negotiates.
+    let qmp = daemon.qmp().expect("monitor answers");
+    (daemon, qmp)
+}
+
+/// Runs a backup to its end and returns the BLOCK_JOB_COMPLETED event.
+fn backup(qmp: &mut Qmp, sync: &str) -> Value {
+    qmp.execute(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": sync}),
+    )
+    .expect("blockdev-backup");
+    let done = qmp
+        .wait_event("BLOCK_JOB_COMPLETED", LIMIT)
+        .expect("the job completes");
+    assert!(done["data"].get("error").is_none(), "{done}");
+    done
+}
+
+fn quit(mut daemon: Daemon, mut qmp: Qmp) {
+    let _ = qmp.execute("quit", json!({}));
+    daemon.wait_exit(LIMIT).expect("blockd exits");
+}
+
+#[test]
+fn full_backup_of_raw_to_raw_is_identical() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt) = (p(dir.path(), "src.img"), p(dir.path(), "tgt.img"));
+    run("qemu-img", &["create", "-q", "-f", "raw", &src, "16M"]);
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x3c 1M 3M",
+            "-c",
+            "write -P 0x4d 9M 100k",
+            &src,
+        ],
+    );
+    run("qemu-img", &["create", "-q", "-f", "raw", &tgt, "16M"]);
+    let (daemon, mut qmp) = start(dir.path(), "raw", "raw");
+    let done = backup(&mut qmp, "full");
+    assert_eq!(done["data"]["len"], json!(16 << 20));
+    quit(daemon, qmp);
+    run(
+        "qemu-img",
+        &["compare", "-q", "-f", "raw", "-F", "raw", &src, &tgt],
+    );
+}
+
+#[test]
+fn full_backup_of_qcow2_to_qcow2_is_identical_and_clean() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt) = (p(dir.path(), "src.img"), p(dir.path(), "tgt.img"));
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &src, "16M"]);
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x3c 0 2M",
+            "-c",
+            "write -z 4M 1M",
+            "-c",
+            "write -P 0x4d 12M 64k",
+            &src,
+        ],
+    );
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &tgt, "16M"]);
+    let (daemon, mut qmp) = start(dir.path(), "qcow2", "qcow2");
+    backup(&mut qmp, "full");
+    quit(daemon, qmp);
+    run("qemu-img", &["compare", "-q", &src, &tgt]);
+    run("qemu-img", &["check", "-q", &tgt]);
+    run("qemu-img", &["check", "-q", &src]);
+}
+
+/// `top` copies only what the top image allocates: the target, put over the same backing
+/// file, reads as the source.
+#[test]
+fn top_backup_copies_the_top_layer_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, src, tgt) = (
+        p(dir.path(), "base.img"),
+        p(dir.path(), "src.img"),
+        p(dir.path(), "tgt.img"),
+    );
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "8M"]);
+    run("qemu-io", &["-c", "write -P 0x11 0 8M", &base]);
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &src,
+        ],
+    );
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x22 1M 128k",
+            "-c",
+            "write -P 0x33 6M 64k",
+            &src,
+        ],
+    );
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &tgt,
+        ],
+    );
+    let (daemon, mut qmp) = start(dir.path(), "qcow2", "qcow2");
+    let done = backup(&mut qmp, "top");
+    assert_eq!(
+        done["data"]["len"],
+        json!(192 << 10),
+        "only the top layer: {done}"
+    );
+    quit(daemon, qmp);
+    run("qemu-img", &["compare", "-q", &src, &tgt]);
+    run("qemu-img", &["check", "-q", &tgt]);
+    let map = run("qemu-img", &["map", "--output=json", &tgt]);
+    let map: Value = serde_json::from_slice(&map.stdout).unwrap();
+    let top_bytes: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == json!(0) && e["data"] == json!(true))
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(
+        top_bytes,
+        192 << 10,
+        "the target's own layer holds the copy"
+    );
+}
+
+/// `none` copies nothing until cancelled; the cancel event reports nothing done.
+#[test]
+fn none_backup_waits_for_cancel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt) = (p(dir.path(), "src.img"), p(dir.path(), "tgt.img"));
+    run("qemu-img", &["create", "-q", "-f", "raw", &src, "4M"]);
+    run("qemu-img", &["create", "-q", "-f", "raw", &tgt, "4M"]);
+    let (daemon, mut qmp) = start(dir.path(), "raw", "raw");
+    qmp.execute(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "none"}),
+    )
+    .expect("blockdev-backup");
+    std::thread::sleep(Duration::from_millis(300));
+    let jobs = qmp.execute("query-block-jobs", json!({})).unwrap();
+    assert_eq!(jobs[0]["status"], json!("running"), "{jobs}");
+    qmp.execute("block-job-cancel", json!({"device": "b"}))
+        .unwrap();
+    let ev = qmp.wait_event("BLOCK_JOB_CANCELLED", LIMIT).unwrap();
+    assert_eq!(ev["data"]["offset"], json!(0), "{ev}");
+    quit(daemon, qmp);
+}
