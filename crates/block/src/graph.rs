@@ -34,6 +34,8 @@ pub struct BlockGraph {
     implicit_counter: u64,
     /// Backing files being opened implicitly, nested (bounds a chain that loops).
     pub(crate) backing_depth: u32,
+    /// Implicit nodes to close once nothing uses them (see [`BlockGraph::release_later`]).
+    released: Vec<String>,
 }
 
 #[derive(Debug)]
@@ -306,6 +308,34 @@ impl BlockGraph {
     /// `blockdev-add`: opens the node described by `opts` (and its inline children).
     pub async fn add(&mut self, opts: BlockdevOptions) -> Result<Arc<Node>> {
         self.add_node(opts, true).await
+    }
+
+    /// Opens a node the monitor does not own (a job's target image, say): a generated
+    /// `#block…` name unless `opts` names it. It goes away with
+    /// [`BlockGraph::release_later`] or when its last parent does.
+    pub async fn add_implicit(&mut self, opts: BlockdevOptions) -> Result<Arc<Node>> {
+        self.add_node(opts, false).await
+    }
+
+    /// Marks implicit node `name` for closing once nothing uses it; the owner of the graph
+    /// calls [`BlockGraph::reap`] to close it (hooks that cannot wait use this).
+    pub fn release_later(&mut self, name: &str) {
+        self.released.push(name.to_string());
+    }
+
+    /// Closes the released nodes nothing uses any more (their implicit children too).
+    pub async fn reap(&mut self) {
+        let names = std::mem::take(&mut self.released);
+        for name in names {
+            let Some(node) = self.get(&name) else {
+                continue;
+            };
+            if node.parents().is_empty() && !node.is_held() {
+                self.delete(node).await;
+            } else {
+                self.released.push(name);
+            }
+        }
     }
 
     fn add_node(

@@ -118,6 +118,7 @@ pub async fn run(
                 } else {
                     commands::execute(&mut state, &req.command, req.args).await
                 };
+                state.graph.reap().await;
                 // The client may have gone: the answer is then dropped.
                 let _ = req.reply.send(result);
                 if state.quit {
@@ -126,6 +127,7 @@ pub async fn run(
             }
             Some(notice) = notices.recv() => {
                 state.jobs.handle_notice(notice, &mut state.graph);
+                state.graph.reap().await;
             }
             () = shutdown.cancelled() => {
                 shut_down(&mut state, &mut notices).await;

@@ -206,3 +206,62 @@ fn none_backup_waits_for_cancel() {
     assert_eq!(ev["data"]["offset"], json!(0), "{ev}");
     quit(daemon, qmp);
 }
+
+/// `drive-backup` creates its target: a full copy as a new qcow2, and a `top` copy as a new
+/// qcow2 over the source's backing file; both read as the source.
+#[test]
+fn drive_backup_creates_full_and_top_targets() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, src) = (p(dir.path(), "base.img"), p(dir.path(), "src.img"));
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &base, "8M"]);
+    run("qemu-io", &["-c", "write -P 0x11 0 8M", &base]);
+    run(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &src,
+        ],
+    );
+    run("qemu-io", &["-c", "write -P 0x22 1M 192k", &src]);
+    run(
+        "qemu-img",
+        &["create", "-q", "-f", "raw", &p(dir.path(), "tgt.img"), "8M"],
+    );
+    let (daemon, mut qmp) = start(dir.path(), "qcow2", "raw");
+    let (full, top) = (p(dir.path(), "full.qcow2"), p(dir.path(), "top.qcow2"));
+    for (id, target, sync) in [("f", &full, "full"), ("t", &top, "top")] {
+        qmp.execute(
+            "drive-backup",
+            json!({"job-id": id, "device": "src", "target": target, "sync": sync, "format": "qcow2"}),
+        )
+        .expect("drive-backup");
+        let done = qmp.wait_event("BLOCK_JOB_COMPLETED", LIMIT).unwrap();
+        assert!(done["data"].get("error").is_none(), "{done}");
+    }
+    let nodes = qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let files: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["file"].as_str().unwrap())
+        .collect();
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.ends_with("full.qcow2") || f.ends_with("top.qcow2")),
+        "the targets are closed: {files:?}"
+    );
+    quit(daemon, qmp);
+    for target in [&full, &top] {
+        run("qemu-img", &["compare", "-q", &src, target]);
+        run("qemu-img", &["check", "-q", target]);
+    }
+    let info = run("qemu-img", &["info", "--output=json", &top]);
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["backing-filename"], json!(base), "{info}");
+    assert!(
+        std::fs::metadata(&top).unwrap().len() < std::fs::metadata(&full).unwrap().len(),
+        "the top copy holds only the top layer"
+    );
+}

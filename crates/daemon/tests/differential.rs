@@ -42,6 +42,7 @@ scenarios!(
     blockdev,
     blockdev_create,
     cmdline_blockdev,
+    drive_backup,
     job_verbs,
     malformed_input,
     negotiation,

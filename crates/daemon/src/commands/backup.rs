@@ -15,7 +15,7 @@ use block::{Backend, BlockGraph, Perm};
 use jobs::{ErrorAction, IoOperation, JobContext, JobDriver, JobOptions, JobType, OnError};
 use qapi::QmpError;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::task::JoinSet;
 
 use super::{args, block_error, empty, job_error, Reply};
@@ -36,6 +36,10 @@ struct BackupArgs {
     speed: Option<i64>,
     bitmap: Option<String>,
     compress: Option<bool>,
+    /// `drive-backup` only: the new image's format.
+    format: Option<String>,
+    /// `drive-backup` only: `existing` or `absolute-paths`.
+    mode: Option<String>,
     on_source_error: Option<String>,
     on_target_error: Option<String>,
     auto_finalize: Option<bool>,
@@ -70,6 +74,8 @@ struct BackupJob {
     on_source_error: OnError,
     on_target_error: OnError,
     held: Mutex<Option<Held>>,
+    /// An implicit target node (`drive-backup`) to close when the job ends.
+    release_target: Option<String>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -181,6 +187,9 @@ impl JobDriver<BlockGraph> for BackupJob {
         if !filter.is_empty() {
             let _ = graph.remove_filter(&filter);
         }
+        if let Some(target) = &self.release_target {
+            graph.release_later(target);
+        }
     }
 }
 
@@ -209,39 +218,51 @@ async fn skip_unallocated(state: &CbwState, source: &block::Node) -> Result<(), 
     Ok(())
 }
 
-pub fn blockdev_backup(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        let a: BackupArgs = args(a)?;
-        let sync = match a.sync.as_str() {
-            "full" => Sync::Full,
-            "top" => Sync::Top,
-            "none" => Sync::None,
-            "incremental" if a.bitmap.is_none() => {
-                return Err(QmpError::generic(
-                    "must provide a valid bitmap name for 'incremental' sync mode",
-                ))
-            }
-            _ => {
-                let name = a.bitmap.unwrap_or_default();
-                return Err(QmpError::generic(format!(
-                    "Bitmap '{name}' could not be found"
-                )));
-            }
-        };
-        if let Some(name) = &a.bitmap {
+/// The sync mode, refusing the bitmap modes as QEMU does when no bitmap can be found.
+fn parse_sync(a: &BackupArgs) -> Result<Sync, QmpError> {
+    let sync = match a.sync.as_str() {
+        "full" => Sync::Full,
+        "top" => Sync::Top,
+        "none" => Sync::None,
+        "incremental" if a.bitmap.is_none() => {
+            return Err(QmpError::generic(
+                "must provide a valid bitmap name for 'incremental' sync mode",
+            ))
+        }
+        _ => {
+            let name = a.bitmap.clone().unwrap_or_default();
             return Err(QmpError::generic(format!(
                 "Bitmap '{name}' could not be found"
             )));
         }
-        let not_found = |name: &str| {
-            QmpError::generic(format!(
-                "Cannot find device='{name}' nor node-name='{name}'"
-            ))
-        };
-        let job_id = a.job_id.clone().unwrap_or_default();
-        if a.job_id.is_none() {
-            return Err(QmpError::generic(format!("Invalid job ID '{job_id}'")));
-        }
+    };
+    if let Some(name) = &a.bitmap {
+        return Err(QmpError::generic(format!(
+            "Bitmap '{name}' could not be found"
+        )));
+    }
+    Ok(sync)
+}
+
+fn not_found(name: &str) -> QmpError {
+    QmpError::generic(format!(
+        "Cannot find device='{name}' nor node-name='{name}'"
+    ))
+}
+
+/// The job id (QEMU defaults it to the device's block backend name, which a node has not).
+fn job_id(a: &BackupArgs) -> Result<String, QmpError> {
+    match &a.job_id {
+        Some(id) => Ok(id.clone()),
+        None => Err(QmpError::generic("Invalid job ID ''")),
+    }
+}
+
+pub fn blockdev_backup(state: &mut State, a: Value) -> Reply<'_> {
+    Box::pin(async move {
+        let a: BackupArgs = args(a)?;
+        let sync = parse_sync(&a)?;
+        let job_id = job_id(&a)?;
         let source = state
             .graph
             .get(&a.device)
@@ -253,112 +274,249 @@ pub fn blockdev_backup(state: &mut State, a: Value) -> Reply<'_> {
         if source.name() == target.name() {
             return Err(QmpError::generic("Source and target cannot be the same"));
         }
-        let speed = a.speed.unwrap_or(0);
-        if a.compress == Some(true) {
-            return Err(QmpError::generic(
-                "Compression is not supported for this drive ",
-            ));
-        }
-        if source.size() != target.size() {
-            return Err(QmpError::generic(
-                "Source and target image have different sizes",
-            ));
-        }
-        let cluster = DEFAULT_CLUSTER.max(target.driver().info().cluster_size.unwrap_or(0));
-        let cbw = Arc::new(CbwState::new(
-            source.clone(),
-            target.clone(),
-            cluster,
-            OnCbwError::BreakGuestWrite,
-        ));
-        if sync == Sync::Top {
-            skip_unallocated(&cbw, &source).await.map_err(block_error)?;
-        }
-        let opts = JobOptions {
-            auto_finalize: a.auto_finalize.unwrap_or(true),
-            auto_dismiss: a.auto_dismiss.unwrap_or(true),
-            speed,
-            ..JobOptions::new(job_id.clone(), JobType::Backup)
-        };
-        let on_source_error = policy(a.on_source_error.as_deref());
-        let on_target_error = policy(a.on_target_error.as_deref());
-        // The job exists before the filter, as QEMU's: a filter that cannot be inserted
-        // makes it go from created straight to null.
-        let job = Arc::new(BackupJob {
-            state: cbw.clone(),
-            filter: Mutex::new(String::new()),
-            sync,
-            on_source_error,
-            on_target_error,
-            held: Mutex::new(None),
-        });
-        // QEMU opens the filter node (so a name in use fails here, before any job exists),
-        // creates the job, then attaches the filter's children.
-        if let Some(name) = &a.filter_node_name {
-            if state.graph.get(name).is_some() {
-                return Err(QmpError::generic(format!(
-                    "Could not create node: Duplicate nodes with node-name='{name}'"
-                )));
-            }
-        }
-        let id = state.jobs.create(opts, job.clone()).map_err(job_error)?;
-        let driver = CbwDriver::new(cbw.clone());
-        let children = driver.children();
-        let inserted = state
-            .graph
-            .insert_filter(
-                &a.device,
-                a.filter_node_name.clone(),
-                Box::new(driver),
-                children,
-            )
-            .await;
-        let filter = match inserted {
-            Ok(filter) => filter,
-            Err(err) => {
-                let _ = state.jobs.discard(id.as_str());
-                let msg = match err {
-                    block::Error::DuplicateNodeName(_) => {
-                        format!("Could not create node: {err}")
-                    }
-                    other => other.to_string(),
-                };
-                return Err(QmpError::generic(msg));
-            }
-        };
-        let held = state
-            .graph
-            .attach_job(
-                filter.name(),
-                Perm::NONE,
-                Perm::ALL,
-                id.as_str(),
-                "main node",
-            )
-            .and_then(|main| {
-                state
-                    .graph
-                    .attach_job(target.name(), Perm::NONE, Perm::ALL, id.as_str(), "target")
-                    .map(|target| Held {
-                        _main: main,
-                        target,
-                    })
-            });
-        let held = match held {
-            Ok(held) => held,
-            Err(err) => {
-                let _ = state.jobs.discard(id.as_str());
-                let _ = state.graph.remove_filter(filter.name());
-                return Err(block_error(err));
-            }
-        };
-        *locked(&job.filter) = filter.name().to_string();
-        *locked(&job.held) = Some(held);
-        // QEMU starts the job inside the drained section of the graph change, so it pauses
-        // at once and runs again when the section ends.
-        state.jobs.pause_internal(id.as_str()).map_err(job_error)?;
-        state.jobs.start(id.as_str()).map_err(job_error)?;
-        state.jobs.resume_internal(id.as_str()).map_err(job_error)?;
+        start(state, &a, job_id, sync, source, target, false).await?;
         Ok(empty())
     })
+}
+
+/// `drive-backup`: creates the target image (unless `mode` is `existing`), opens it as an
+/// implicit node, and backs up to it as `blockdev-backup` does; the node goes away with the
+/// job.
+pub fn drive_backup(state: &mut State, a: Value) -> Reply<'_> {
+    Box::pin(async move {
+        let a: BackupArgs = args(a)?;
+        let mut sync = parse_sync(&a)?;
+        let job_id = job_id(&a)?;
+        let source = state
+            .graph
+            .get(&a.device)
+            .ok_or_else(|| not_found(&a.device))?;
+        // `top` with nothing below is `full`; the new image gets the source's backing file
+        // for `top` and the source itself for `none`.
+        let backing = match sync {
+            Sync::Top => match source.backing() {
+                Some(b) => Some(b.clone()),
+                None => {
+                    sync = Sync::Full;
+                    None
+                }
+            },
+            Sync::None => Some(source.clone()),
+            Sync::Full => None,
+        };
+        let existing = a.mode.as_deref() == Some("existing");
+        // An existing image's format is probed, as QEMU opens it; a new one takes the
+        // source's.
+        let format = match (&a.format, existing) {
+            (Some(f), _) => f.clone(),
+            (None, true) => probe_format(&a.target),
+            (None, false) => source.driver_name().to_string(),
+        };
+        if format != "raw" && format != "qcow2" {
+            return Err(QmpError::generic(format!(
+                "Driver '{format}' does not support image creation"
+            )));
+        }
+        if !existing {
+            create_image(state, &a.target, &format, source.size(), backing.as_deref()).await?;
+        }
+        let mut opts = json!({"driver": format, "file": {"driver": "file", "filename": a.target}});
+        if format == "qcow2" && sync != Sync::None {
+            // The target's backing chain is the source's business, not the copy's.
+            opts["backing"] = Value::Null;
+        }
+        let opts: block::BlockdevOptions = args(opts)?;
+        let target = state.graph.add_implicit(opts).await.map_err(block_error)?;
+        let name = target.name().to_string();
+        let started = start(state, &a, job_id, sync, source, target, true).await;
+        if started.is_err() {
+            state.graph.release_later(&name);
+        }
+        started.map(|()| empty())
+    })
+}
+
+/// `qcow2` if the file starts with the qcow2 magic, else `raw` (a missing file is reported
+/// when it is opened).
+fn probe_format(path: &str) -> String {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    let is_qcow2 = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut magic))
+        .is_ok()
+        && magic == *b"QFI\xfb";
+    if is_qcow2 { "qcow2" } else { "raw" }.to_string()
+}
+
+/// Creates the target image of `drive-backup`, printing what `qemu-img create` prints, as
+/// QEMU does.
+async fn create_image(
+    state: &mut State,
+    path: &str,
+    format: &str,
+    size: u64,
+    backing: Option<&block::Node>,
+) -> Result<(), QmpError> {
+    let file: block::CreateOptions = args(
+        json!({"driver": "file", "filename": path, "size": if format == "raw" { size } else { 0 }}),
+    )?;
+    let block::CreateOptions::File(file) = file else {
+        return Err(QmpError::generic("internal error: not file options"));
+    };
+    if format == "raw" {
+        println!("Formatting '{path}', fmt=raw size={size}");
+        return block::create_file(&file).await.map_err(block_error);
+    }
+    let backing_part = backing
+        .map(|b| {
+            format!(
+                "backing_file={} backing_fmt={} ",
+                b.filename(),
+                b.driver_name()
+            )
+        })
+        .unwrap_or_default();
+    println!(
+        "Formatting '{path}', fmt=qcow2 cluster_size=65536 extended_l2=off \
+         compression_type=zlib size={size} {backing_part}lazy_refcounts=off refcount_bits=16"
+    );
+    block::create_file(&file).await.map_err(block_error)?;
+    let opts: block::BlockdevOptions = args(json!({"driver": "file", "filename": path}))?;
+    let node = state.graph.add_implicit(opts).await.map_err(block_error)?;
+    let mut qcow2 = json!({"driver": "qcow2", "file": node.name(), "size": size});
+    if let Some(b) = backing {
+        qcow2["backing-file"] = json!(b.filename());
+        qcow2["backing-fmt"] = json!(b.driver_name());
+    }
+    let created = match args::<block::CreateOptions>(qcow2)? {
+        block::CreateOptions::Qcow2(q) => block::create_qcow2(node.clone(), None, &q)
+            .await
+            .map_err(block_error),
+        _ => Err(QmpError::generic("internal error: not qcow2")),
+    };
+    let name = node.name().to_string();
+    drop(node);
+    state.graph.release_later(&name);
+    state.graph.reap().await;
+    created
+}
+
+/// Everything after the nodes are known: checks, the filter, the job.
+async fn start(
+    state: &mut State,
+    a: &BackupArgs,
+    job_id: String,
+    sync: Sync,
+    source: Arc<block::Node>,
+    target: Arc<block::Node>,
+    release_target: bool,
+) -> Result<(), QmpError> {
+    let speed = a.speed.unwrap_or(0);
+    if a.compress == Some(true) {
+        return Err(QmpError::generic(
+            "Compression is not supported for this drive ",
+        ));
+    }
+    if source.size() != target.size() {
+        return Err(QmpError::generic(
+            "Source and target image have different sizes",
+        ));
+    }
+    let cluster = DEFAULT_CLUSTER.max(target.driver().info().cluster_size.unwrap_or(0));
+    let cbw = Arc::new(CbwState::new(
+        source.clone(),
+        target.clone(),
+        cluster,
+        OnCbwError::BreakGuestWrite,
+    ));
+    if sync == Sync::Top {
+        skip_unallocated(&cbw, &source).await.map_err(block_error)?;
+    }
+    let opts = JobOptions {
+        auto_finalize: a.auto_finalize.unwrap_or(true),
+        auto_dismiss: a.auto_dismiss.unwrap_or(true),
+        speed,
+        ..JobOptions::new(job_id.clone(), JobType::Backup)
+    };
+    let on_source_error = policy(a.on_source_error.as_deref());
+    let on_target_error = policy(a.on_target_error.as_deref());
+    // The job exists before the filter, as QEMU's: a filter that cannot be inserted
+    // makes it go from created straight to null.
+    let job = Arc::new(BackupJob {
+        state: cbw.clone(),
+        filter: Mutex::new(String::new()),
+        sync,
+        on_source_error,
+        on_target_error,
+        held: Mutex::new(None),
+        release_target: release_target.then(|| target.name().to_string()),
+    });
+    // QEMU opens the filter node (so a name in use fails here, before any job exists),
+    // creates the job, then attaches the filter's children.
+    if let Some(name) = &a.filter_node_name {
+        if state.graph.get(name).is_some() {
+            return Err(QmpError::generic(format!(
+                "Could not create node: Duplicate nodes with node-name='{name}'"
+            )));
+        }
+    }
+    let id = state.jobs.create(opts, job.clone()).map_err(job_error)?;
+    let driver = CbwDriver::new(cbw.clone());
+    let children = driver.children();
+    let inserted = state
+        .graph
+        .insert_filter(
+            &a.device,
+            a.filter_node_name.clone(),
+            Box::new(driver),
+            children,
+        )
+        .await;
+    let filter = match inserted {
+        Ok(filter) => filter,
+        Err(err) => {
+            let _ = state.jobs.discard(id.as_str());
+            let msg = match err {
+                block::Error::DuplicateNodeName(_) => {
+                    format!("Could not create node: {err}")
+                }
+                other => other.to_string(),
+            };
+            return Err(QmpError::generic(msg));
+        }
+    };
+    let held = state
+        .graph
+        .attach_job(
+            filter.name(),
+            Perm::NONE,
+            Perm::ALL,
+            id.as_str(),
+            "main node",
+        )
+        .and_then(|main| {
+            state
+                .graph
+                .attach_job(target.name(), Perm::NONE, Perm::ALL, id.as_str(), "target")
+                .map(|target| Held {
+                    _main: main,
+                    target,
+                })
+        });
+    let held = match held {
+        Ok(held) => held,
+        Err(err) => {
+            let _ = state.jobs.discard(id.as_str());
+            let _ = state.graph.remove_filter(filter.name());
+            return Err(block_error(err));
+        }
+    };
+    *locked(&job.filter) = filter.name().to_string();
+    *locked(&job.held) = Some(held);
+    // QEMU starts the job inside the drained section of the graph change, so it pauses
+    // at once and runs again when the section ends.
+    state.jobs.pause_internal(id.as_str()).map_err(job_error)?;
+    state.jobs.start(id.as_str()).map_err(job_error)?;
+    state.jobs.resume_internal(id.as_str()).map_err(job_error)?;
+    Ok(())
 }

@@ -36,6 +36,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("blockdev-create", blockdev::blockdev_create),
     ("x-blockdev-amend", blockdev::x_blockdev_amend),
     ("blockdev-backup", backup::blockdev_backup),
+    ("drive-backup", backup::drive_backup),
     ("query-named-block-nodes", blockdev::query_named_block_nodes),
     ("query-block", blockdev::query_block),
     (
