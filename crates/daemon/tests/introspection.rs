@@ -112,12 +112,7 @@ fn unimplemented_qsd_commands_are_not_found() {
     let commands = command_names(&mut qmp);
     let (_qsd, mut qsd) = qsd_session();
     let qsd_commands = command_names(&mut qsd);
-    for name in [
-        "block-commit",
-        "drive-backup",
-        "blockdev-mirror",
-        "block-stream",
-    ] {
+    for name in ["block-commit", "blockdev-mirror", "block-stream"] {
         assert!(qsd_commands.contains(name), "QSD has {name}");
         assert!(!commands.contains(name), "{name} is not listed");
         let err = qmp.execute(name, json!({})).unwrap_err();
