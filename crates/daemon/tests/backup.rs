@@ -265,3 +265,27 @@ fn drive_backup_creates_full_and_top_targets() {
         "the top copy holds only the top layer"
     );
 }
+
+/// `quit` in the middle of a throttled backup cancels it and closes the nodes: both the
+/// source and the half-written qcow2 target pass `qemu-img check`.
+#[test]
+fn quit_mid_backup_leaves_valid_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt) = (p(dir.path(), "src.img"), p(dir.path(), "tgt.img"));
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &src, "16M"]);
+    run("qemu-io", &["-c", "write -P 0x5a 0 16M", &src]);
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &tgt, "16M"]);
+    let (daemon, mut qmp) = start(dir.path(), "qcow2", "qcow2");
+    qmp.execute(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": 1048576}),
+    )
+    .expect("blockdev-backup");
+    std::thread::sleep(Duration::from_millis(500));
+    quit(daemon, qmp);
+    run("qemu-img", &["check", "-q", &src]);
+    run("qemu-img", &["check", "-q", &tgt]);
+    let info = run("qemu-img", &["info", "--output=json", &tgt]);
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["dirty-flag"], json!(false), "{info}");
+}

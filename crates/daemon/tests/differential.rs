@@ -39,6 +39,7 @@ macro_rules! scenarios {
 
 scenarios!(
     backup,
+    backup_quit,
     blockdev,
     blockdev_create,
     cmdline_blockdev,

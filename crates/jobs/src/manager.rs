@@ -689,6 +689,35 @@ impl<C: 'static> JobManager<C> {
     /// path, `job_cancel_sync_all`). `notices` is the receiver returned by
     /// [`JobManager::new`]; notices meanwhile are handled here.
     pub async fn shutdown(&mut self, notices: &mut NoticeReceiver, c: &mut C) {
+        // QEMU drains every node first: running block jobs pause at their next pause
+        // point (PAUSED), and the forced cancel then wakes them (RUNNING, ABORTING, ...).
+        let drained: Vec<u64> = self
+            .jobs
+            .iter()
+            .filter(|j| {
+                j.started
+                    && j.job_type.is_block_job()
+                    && matches!(j.status, JobStatus::Running | JobStatus::Ready)
+            })
+            .map(|j| j.key)
+            .collect();
+        for &key in &drained {
+            if let Some(job) = self.job_mut(key) {
+                job.pause_count += 1;
+                job.sync_pause();
+                job.shared.wake.notify_waiters();
+            }
+        }
+        while drained.iter().any(|&key| {
+            self.job(key).is_some_and(|j| {
+                matches!(j.status, JobStatus::Running | JobStatus::Ready) && !j.finished
+            })
+        }) {
+            let Some(notice) = notices.recv().await else {
+                return;
+            };
+            self.handle_notice(notice, c);
+        }
         while let Some(job) = self.jobs.first() {
             let key = job.key;
             match job.status {

@@ -1009,10 +1009,13 @@ async fn shutdown_cancels_and_dismisses_every_job() {
     assert_eq!(
         h.events(),
         [
+            // Shutdown drains first: the running block job pauses, then the cancel wakes it.
+            "run:paused".to_owned(),
             "new:aborting".to_owned(),
             "new:concluded".to_owned(),
             "new:null".to_owned(),
             "done:null".to_owned(),
+            "run:running".to_owned(),
             "run:aborting".to_owned(),
             cancelled("run", 5, 0),
             "run:concluded".to_owned(),
