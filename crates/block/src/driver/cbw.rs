@@ -183,26 +183,54 @@ impl CbwState {
         Claim::Mine
     }
 
-    fn release(&self, c: u64, copied: bool) {
+    fn release(&self, first: u64, n: u64, copied: bool) {
         {
             let mut inner = self.lock();
-            inner.copying.remove(&c);
-            if !copied {
-                inner.set_todo(c, true);
+            for c in first..first + n {
+                inner.copying.remove(&c);
+                if !copied {
+                    inner.set_todo(c, true);
+                }
             }
         }
         self.done.notify_waiters();
     }
 
+    /// Claims the run of clusters to copy that starts at `first` (at most `max` of them,
+    /// stopping at one that is copied or being copied) and returns its length; 0 when
+    /// `first` itself needs nothing. The caller copies them with
+    /// [`CbwState::copy_claimed`].
+    pub fn claim_run(&self, first: u64, max: u64) -> u64 {
+        let mut inner = self.lock();
+        if inner.detached {
+            return 0;
+        }
+        let end = first.saturating_add(max).min(self.clusters());
+        let mut c = first;
+        while c < end && inner.is_todo(c) && !inner.copying.contains(&c) {
+            inner.set_todo(c, false);
+            inner.copying.insert(c);
+            c += 1;
+        }
+        c - first
+    }
+
+    /// Copies `n` clusters from `first`, which [`CbwState::claim_run`] claimed, and releases
+    /// them (back to be copied if it failed). Returns the bytes copied, or which side failed
+    /// (`true`: reading the source) and how.
+    pub async fn copy_claimed(
+        &self,
+        first: u64,
+        n: u64,
+    ) -> std::result::Result<u64, (bool, Error)> {
+        let result = self.copy_now(first, n).await;
+        self.release(first, n, result.is_ok());
+        result
+    }
+
     /// Copy cluster `c` to the target unless that happened already; waits for a copy of it
     /// in progress. Returns whether this call copied it (and so owns its progress).
     pub async fn copy_cluster(&self, c: u64) -> Result<bool> {
-        self.copy_cluster_sided(c).await.map_err(|(_, err)| err)
-    }
-
-    /// [`CbwState::copy_cluster`], telling a failed read of the source (`true`) from a failed
-    /// write of the target (`false`).
-    pub async fn copy_cluster_sided(&self, c: u64) -> std::result::Result<bool, (bool, Error)> {
         loop {
             let woken = self.done.notified();
             tokio::pin!(woken);
@@ -211,38 +239,50 @@ impl CbwState {
                 Claim::Done => return Ok(false),
                 Claim::Busy => woken.await,
                 Claim::Mine => {
-                    let result = self.copy_now(c).await;
-                    self.release(c, result.is_ok());
-                    return result.map(|()| true);
+                    return self
+                        .copy_claimed(c, 1)
+                        .await
+                        .map(|_| true)
+                        .map_err(|(_, e)| e);
                 }
             }
         }
     }
 
-    async fn copy_now(&self, c: u64) -> std::result::Result<(), (bool, Error)> {
-        let start = c * self.cluster;
-        let len = self.cluster.min(self.len - start);
+    async fn copy_now(&self, first: u64, n: u64) -> std::result::Result<u64, (bool, Error)> {
+        let start = first * self.cluster;
+        let end = ((first + n) * self.cluster).min(self.len);
         let read = |e| (true, e);
         let write = |e| (false, e);
-        let status = self.source.block_status(start, len).await.map_err(read)?;
-        if status.zero && status.len >= len {
-            let flags = ZeroFlags {
-                may_unmap: true,
-                no_fallback: false,
-                fua: false,
-            };
-            return self
-                .target
-                .write_zeroes(start, len, flags)
+        let mut pos = start;
+        while pos < end {
+            let status = self
+                .source
+                .block_status(pos, end - pos)
                 .await
-                .map_err(write);
+                .map_err(read)?;
+            let len = status.len.clamp(1, end - pos);
+            if status.zero {
+                let flags = ZeroFlags {
+                    may_unmap: true,
+                    no_fallback: false,
+                    fua: false,
+                };
+                self.target
+                    .write_zeroes(pos, len, flags)
+                    .await
+                    .map_err(write)?;
+            } else {
+                let mut buf = vec![0u8; len as usize];
+                self.source.read(pos, &mut buf).await.map_err(read)?;
+                self.target
+                    .write(pos, &buf, WriteFlags::default())
+                    .await
+                    .map_err(write)?;
+            }
+            pos += len;
         }
-        let mut buf = vec![0u8; len as usize];
-        self.source.read(start, &mut buf).await.map_err(read)?;
-        self.target
-            .write(start, &buf, WriteFlags::default())
-            .await
-            .map_err(write)
+        Ok(end - start)
     }
 
     /// Before the guest changes `offset..offset + len`: copy what the backup still needs.

@@ -23,8 +23,10 @@ use crate::control::State;
 
 /// Copy unit when the target does not ask for another (QEMU's backup default).
 const DEFAULT_CLUSTER: u64 = 64 << 10;
-/// Clusters copied at once by the job.
-const IN_FLIGHT: usize = 16;
+/// Copies the job runs at once.
+const IN_FLIGHT: usize = 8;
+/// Most clusters one copy takes (1 MiB with 64 KiB clusters, QEMU's default chunk).
+const CHUNK_CLUSTERS: u64 = 16;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -94,15 +96,12 @@ fn nospace(err: &block::Error) -> bool {
 }
 
 impl BackupJob {
-    /// Copies cluster `c`; returns the bytes it copied (0 if someone else did).
-    async fn copy(state: Arc<CbwState>, c: u64) -> Result<u64, CopyFailure> {
-        let start = c * state.cluster_size();
-        let len = state.cluster_size().min(state.len() - start);
-        match state.copy_cluster_sided(c).await {
-            Ok(true) => Ok(len),
-            Ok(false) => Ok(0),
-            Err((read, err)) => Err(CopyFailure { read, err }),
-        }
+    /// Copies the `n` claimed clusters from `first`; returns the bytes copied.
+    async fn copy(state: Arc<CbwState>, first: u64, n: u64) -> Result<u64, CopyFailure> {
+        state
+            .copy_claimed(first, n)
+            .await
+            .map_err(|(read, err)| CopyFailure { read, err })
     }
 
     /// One pass over the clusters still to copy. `Ok(false)`: an error was ignored or the
@@ -114,10 +113,11 @@ impl BackupJob {
         let mut clean = true;
         loop {
             while set.len() < IN_FLIGHT && next < clusters {
-                if self.state.needs_copy(next) {
-                    set.spawn(Self::copy(self.state.clone(), next));
+                let n = self.state.claim_run(next, CHUNK_CLUSTERS);
+                if n > 0 {
+                    set.spawn(Self::copy(self.state.clone(), next, n));
                 }
-                next += 1;
+                next += n.max(1);
             }
             let Some(done) = set.join_next().await else {
                 return Ok(clean);
