@@ -48,6 +48,7 @@ pub struct Cli {
 #[derive(Debug)]
 pub struct CliItem {
     /// The option as QSD names it, e.g. `"--blockdev"`; `""` for a stray argument.
+    #[allow(dead_code)] // the tests check which option an item came from
     pub option: &'static str,
     /// The value as given.
     #[allow(dead_code)] // kept for messages that quote the value alone

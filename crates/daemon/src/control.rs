@@ -18,6 +18,10 @@ use tokio::sync::{mpsc, oneshot};
 pub struct State {
     pub graph: BlockGraph,
     pub jobs: JobManager<BlockGraph>,
+    /// The NBD server and the block exports.
+    pub exports: crate::exports::Exports,
+    /// Where events go (the jobs' own sink emits there too).
+    pub events: EventBus,
     /// Set by `quit`: the loop ends once the reply is on its way.
     pub quit: bool,
 }
@@ -69,12 +73,15 @@ pub enum Exit {
 
 impl State {
     pub fn new(events: EventBus) -> (State, NoticeReceiver) {
+        let sink = events.clone();
         let (jobs, notices) = JobManager::new(Box::new(move |ev: jobs::JobEvent| {
-            events.emit(Event::new(ev.name(), Some(ev.data())));
+            sink.emit(Event::new(ev.name(), Some(ev.data())));
         }));
         let state = State {
             graph: BlockGraph::new(),
             jobs,
+            exports: crate::exports::Exports::default(),
+            events,
             quit: false,
         };
         (state, notices)
@@ -140,5 +147,7 @@ pub async fn run(
 
 async fn shut_down(state: &mut State, notices: &mut NoticeReceiver) {
     state.jobs.shutdown(notices, &mut state.graph).await;
+    // Clients are dropped and exports let go of their nodes before the nodes close.
+    crate::commands::nbd::stop_server(state);
     state.graph.close_all().await;
 }

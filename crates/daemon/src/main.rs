@@ -10,6 +10,7 @@ mod cli;
 mod commands;
 mod control;
 mod daemonize;
+mod exports;
 mod pidfile;
 mod startup;
 

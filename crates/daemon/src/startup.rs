@@ -88,10 +88,8 @@ pub async fn run(cli: Cli, readiness: Option<Readiness>) -> ExitCode {
             },
             ItemKind::Blockdev(value) => blockdev(&mut state, value).await,
             ItemKind::Object(value) => Err(object_refusal(value)),
-            ItemKind::NbdServer(_) | ItemKind::Export(_) => Err(format!(
-                "{} is not available yet: blockd has no NBD server in this version",
-                item.option
-            )),
+            ItemKind::NbdServer(value) => nbd_server(&mut state, value).await,
+            ItemKind::Export(value) => export(&mut state, value),
         };
         if let Err(msg) = result {
             eprintln!("blockd: {}", item.error(msg));
@@ -157,6 +155,33 @@ async fn blockdev(state: &mut State, value: &OptValue) -> Result<(), String> {
         .await
         .map(|_| ())
         .map_err(|e| e.to_string())
+}
+
+fn canonical(ty: &str, value: &OptValue) -> Result<serde_json::Value, String> {
+    let (value, mode) = match value {
+        OptValue::Keyval(v) => (v, Mode::Keyval),
+        OptValue::Json(v) => (v, Mode::Json),
+    };
+    visit::visit(ty, value, mode)
+}
+
+/// `--nbd-server`: `nbd-server-start` with a flat `SocketAddress`.
+async fn nbd_server(state: &mut State, value: &OptValue) -> Result<(), String> {
+    let opts = canonical("NbdServerOptions", value)?;
+    let listen = crate::commands::nbd::listen_addr(&opts["addr"], false)?;
+    let tls = opts.get("tls-creds").and_then(serde_json::Value::as_str);
+    let max = opts
+        .get("max-connections")
+        .and_then(serde_json::Value::as_u64)
+        .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
+    crate::commands::nbd::start_server(state, &listen, tls, max).await
+}
+
+/// `--export`: exactly `block-export-add`.
+fn export(state: &mut State, value: &OptValue) -> Result<(), String> {
+    let opts = canonical("BlockExportOptions", value)?;
+    let args = serde_json::from_value(opts).map_err(|e| e.to_string())?;
+    crate::commands::nbd::add_export(state, args)
 }
 
 /// `--object`: no user-creatable object type exists yet.

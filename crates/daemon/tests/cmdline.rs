@@ -491,6 +491,35 @@ const BAD_COMMAND_LINES: &[&[&str]] = &[
     &["--blockdev", "file,node-name=f,filename=missing.img"],
     &["--blockdev", "raw,node-name=r,file=nosuchnode"],
     &["--blockdev", "null-co,node-name=1bad"],
+    &[
+        "--blockdev",
+        "null-co,node-name=n0",
+        "--export",
+        "nbd,id=e0,node-name=n0",
+    ],
+    &["--export", "nbd,id=e0,node-name=n0"],
+    &["--export", "nbd,id=e0"],
+    &["--nbd-server", "addr.type=unix"],
+    &[
+        "--nbd-server",
+        "addr.type=unix,addr.path=no/such/dir/nbd.sock",
+    ],
+    &[
+        "--nbd-server",
+        "addr.type=unix,addr.path=nbd.sock",
+        "--nbd-server",
+        "addr.type=unix,addr.path=nbd2.sock",
+    ],
+    &[
+        "--blockdev",
+        "null-co,node-name=n0",
+        "--nbd-server",
+        "addr.type=unix,addr.path=nbd.sock",
+        "--export",
+        "nbd,id=e0,node-name=n0",
+        "--export",
+        "nbd,id=e1,node-name=n0",
+    ],
     &["--monitor", "m0"],
     &["--monitor", "chardev=m0,mode=readline"],
     &[
@@ -617,37 +646,48 @@ fn object_option_is_refused_with_a_clear_message() {
     );
 }
 
+/// `--nbd-server` and `--export` start serving before the monitor is up: a real client
+/// reads what the command line exported.
 #[test]
-fn nbd_server_option_is_refused_with_a_clear_message() {
-    let (code, err) = run_in_fresh_dir(
-        &blockd(),
-        &["--nbd-server", "addr.type=unix,addr.path=nbd.sock"],
-    );
-    assert_eq!(code, Some(1), "{err}");
+fn nbd_server_and_export_from_the_command_line_serve_clients() {
+    let dir = tempdir();
+    let image = make_image(dir.path(), "disk.img");
+    let sock = dir.path().join("nbd.sock");
+    let args = [
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=f0,filename={}", image.display()),
+        "--nbd-server".to_string(),
+        format!("addr.type=unix,addr.path={}", sock.display()),
+        "--export".to_string(),
+        "type=nbd,id=e0,node-name=f0,name=disk,writable=on".to_string(),
+    ];
+    let mut daemon = Daemon::start_in(&blockd(), dir.path(), &args).unwrap();
+    let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+    let out = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x42 0 64k",
+            "-c",
+            "read -P 0x42 0 64k",
+            &uri,
+        ])
+        .output()
+        .expect("qemu-io is needed (install qemu-utils)");
     assert!(
-        err.starts_with("blockd: --nbd-server addr.type=unix,addr.path=nbd.sock: ")
-            && err.contains("not available"),
-        "{err}"
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-}
-
-#[test]
-fn export_option_is_refused_with_a_clear_message() {
-    let (code, err) = run_in_fresh_dir(
-        &blockd(),
-        &[
-            "--blockdev",
-            "null-co,node-name=n0",
-            "--export",
-            "nbd,id=e0,node-name=n0",
-        ],
+    let mut qmp = daemon.qmp().unwrap();
+    let exports = qmp.execute("query-block-exports", json!({})).unwrap();
+    assert_eq!(
+        exports,
+        json!([{"node-name": "f0", "shutting-down": false, "type": "nbd", "id": "e0"}])
     );
-    assert_eq!(code, Some(1), "{err}");
-    assert!(
-        err.starts_with("blockd: --export nbd,id=e0,node-name=n0: ")
-            && err.contains("not available"),
-        "{err}"
-    );
+    qmp.execute("quit", json!({})).unwrap();
+    assert_eq!(daemon_exit_code(&mut daemon), 0);
 }
 
 #[test]

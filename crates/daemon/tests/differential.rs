@@ -46,6 +46,7 @@ scenarios!(
     drive_backup,
     job_verbs,
     malformed_input,
+    nbd_exports,
     negotiation,
     negotiation_without_oob,
     qcow2_amend,

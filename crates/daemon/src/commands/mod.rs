@@ -9,6 +9,7 @@ mod backup;
 mod blockdev;
 mod control;
 mod job;
+pub mod nbd;
 
 use crate::control::State;
 use qapi::QmpError;
@@ -37,6 +38,13 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("x-blockdev-amend", blockdev::x_blockdev_amend),
     ("blockdev-backup", backup::blockdev_backup),
     ("drive-backup", backup::drive_backup),
+    ("nbd-server-start", nbd::nbd_server_start),
+    ("nbd-server-stop", nbd::nbd_server_stop),
+    ("nbd-server-add", nbd::nbd_server_add),
+    ("nbd-server-remove", nbd::nbd_server_remove),
+    ("block-export-add", nbd::block_export_add),
+    ("block-export-del", nbd::block_export_del),
+    ("query-block-exports", nbd::query_block_exports),
     ("query-named-block-nodes", blockdev::query_named_block_nodes),
     ("query-block", blockdev::query_block),
     (

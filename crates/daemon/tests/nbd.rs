@@ -1,0 +1,241 @@
+//! NBD exports through the `blockd` binary, against real clients and against
+//! qemu-storage-daemon: the same images exported by both daemons must look the same to
+//! `qemu-img map`, `nbdinfo --json` and `nbdinfo --map` (base:allocation and
+//! qemu:allocation-depth), and data written through blockd's export must land in the image.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::{json, Value};
+use testkit::{start_qsd, Daemon, Session};
+
+fn blockd() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_blockd"))
+}
+
+fn tool(program: &str, package: &str, args: &[&str]) -> Output {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{program} is needed (apt-get install {package}): {e}"));
+    assert!(
+        out.status.success(),
+        "{program} {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn qemu(args: &[&str]) -> Output {
+    tool(args[0], "qemu-utils", &args[1..])
+}
+
+fn p(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+/// Daemon arguments exporting `node` (the last of `blockdevs`) as `disk`.
+fn args(dir: &Path, blockdevs: &[String], node: &str) -> Vec<String> {
+    let mut args = Vec::new();
+    for b in blockdevs {
+        args.push("--blockdev".to_string());
+        args.push(b.clone());
+    }
+    args.push("--nbd-server".into());
+    args.push(format!("addr.type=unix,addr.path={}", p(dir, "nbd.sock")));
+    args.push("--export".into());
+    args.push(format!(
+        "type=nbd,id=e0,node-name={node},name=disk,writable=on,allocation-depth=on"
+    ));
+    args
+}
+
+/// What the clients report for the export, with the socket path taken out.
+fn views(dir: &Path) -> Vec<String> {
+    let sock = p(dir, "nbd.sock");
+    let uri = format!("nbd+unix:///disk?socket={sock}");
+    let out = |o: Output| String::from_utf8_lossy(&o.stdout).replace(&sock, "SOCK");
+    vec![
+        out(qemu(&[
+            "qemu-img",
+            "map",
+            "--output=json",
+            "-f",
+            "raw",
+            &uri,
+        ])),
+        out(tool("nbdinfo", "libnbd-bin", &["--json", &uri])),
+        out(tool("nbdinfo", "libnbd-bin", &["--map", &uri])),
+        out(tool(
+            "nbdinfo",
+            "libnbd-bin",
+            &["--map=qemu:allocation-depth", &uri],
+        )),
+    ]
+}
+
+/// Runs `views` against QSD and blockd serving the same files.
+fn same_as_qsd(make: impl Fn(&Path) -> (Vec<String>, String)) {
+    let mut seen = Vec::new();
+    for qsd in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let (blockdevs, node) = make(dir.path());
+        let args = args(dir.path(), &blockdevs, &node);
+        let daemon = if qsd {
+            start_qsd(Some(dir.path()), &args, Session::Negotiated)
+                .expect("qemu-storage-daemon starts")
+                .0
+        } else {
+            Daemon::start_in(&blockd(), dir.path(), &args).expect("blockd starts")
+        };
+        // The monitor may come up before the NBD socket does.
+        let sock = dir.path().join("nbd.sock");
+        for _ in 0..200 {
+            if sock.exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        seen.push(views(dir.path()));
+        drop(daemon);
+    }
+    let names = [
+        "qemu-img map",
+        "nbdinfo --json",
+        "nbdinfo --map",
+        "allocation depth",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(
+            seen[1][i], seen[0][i],
+            "{name}: blockd (left) vs QSD (right)"
+        );
+    }
+}
+
+#[test]
+fn raw_file_with_holes_looks_the_same_as_through_qsd() {
+    same_as_qsd(|dir| {
+        let img = p(dir, "a.raw");
+        qemu(&["qemu-img", "create", "-q", "-f", "raw", &img, "8M"]);
+        qemu(&[
+            "qemu-io",
+            "-f",
+            "raw",
+            "-c",
+            "write -P 1 1M 1M",
+            "-c",
+            "write -P 2 6M 64k",
+            &img,
+        ]);
+        (
+            vec![
+                format!("driver=file,node-name=f,filename={img}"),
+                "driver=raw,node-name=r,file=f".to_string(),
+            ],
+            "r".to_string(),
+        )
+    });
+}
+
+#[test]
+fn qcow2_with_data_zero_and_unallocated_clusters_over_a_backing_file_looks_the_same() {
+    same_as_qsd(|dir| {
+        let base = p(dir, "base.qcow2");
+        let top = p(dir, "top.qcow2");
+        qemu(&["qemu-img", "create", "-q", "-f", "qcow2", &base, "4M"]);
+        qemu(&["qemu-io", "-c", "write -P 7 0 2M", &base]);
+        qemu(&[
+            "qemu-img", "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &top, "8M",
+        ]);
+        qemu(&[
+            "qemu-io",
+            "-c",
+            "write -P 9 512k 256k",
+            "-c",
+            "write -z 1M 128k",
+            "-c",
+            "write -P 3 5M 64k",
+            &top,
+        ]);
+        (
+            vec![
+                format!("driver=file,node-name=f,filename={top}"),
+                "driver=qcow2,node-name=q,file=f".to_string(),
+            ],
+            "q".to_string(),
+        )
+    });
+}
+
+#[test]
+fn writes_through_the_export_land_in_the_qcow2_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = p(dir.path(), "a.qcow2");
+    qemu(&["qemu-img", "create", "-q", "-f", "qcow2", &img, "16M"]);
+    let blockdevs = vec![
+        format!("driver=file,node-name=f,filename={img}"),
+        "driver=qcow2,node-name=q,file=f".to_string(),
+    ];
+    let mut daemon = Daemon::start_in(&blockd(), dir.path(), &args(dir.path(), &blockdevs, "q"))
+        .expect("blockd starts");
+    let uri = format!("nbd+unix:///disk?socket={}", p(dir.path(), "nbd.sock"));
+    let src = p(dir.path(), "src.raw");
+    qemu(&["qemu-img", "create", "-q", "-f", "raw", &src, "16M"]);
+    qemu(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x61 0 5M",
+        "-c",
+        "write -P 0x62 9M 3M",
+        &src,
+    ]);
+    tool("nbdcopy", "libnbd-bin", &[&src, &uri]);
+    tool(
+        "fio",
+        "fio",
+        &[
+            "--name=v",
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--offset=12M",
+            "--size=4M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+        ],
+    );
+    qemu(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "read -P 0x61 0 5M",
+        "-c",
+        "read -P 0x62 9M 3M",
+        &uri,
+    ]);
+    let mut qmp = daemon.qmp().unwrap();
+    qmp.execute("quit", json!({})).unwrap();
+    daemon
+        .wait_exit(std::time::Duration::from_secs(20))
+        .unwrap();
+    qemu(&["qemu-img", "check", "-q", &img]);
+    qemu(&[
+        "qemu-io",
+        "-c",
+        "read -P 0x61 0 5M",
+        "-c",
+        "read -P 0x62 9M 3M",
+        &img,
+    ]);
+    let info: Value =
+        serde_json::from_slice(&qemu(&["qemu-img", "info", "--output=json", &img]).stdout).unwrap();
+    assert_eq!(info["dirty-flag"], json!(false));
+}
