@@ -289,3 +289,94 @@ fn quit_mid_backup_leaves_valid_images() {
     let info: Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["dirty-flag"], json!(false), "{info}");
 }
+
+/// The point in time: a throttled backup of a 1 GiB qcow2 while fio hammers the source
+/// through an NBD export for the whole run. The target equals the source as it was when the
+/// job started, and fio's verification reads back every write from the source.
+#[test]
+fn backup_is_a_point_in_time_while_a_client_writes_through_nbd() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt, snap) = (
+        p(dir.path(), "src.img"),
+        p(dir.path(), "tgt.img"),
+        p(dir.path(), "snap.qcow2"),
+    );
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &src, "1G"]);
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x11 0 32M",
+            "-c",
+            "write -P 0x22 512M 32M",
+            "-c",
+            "write -P 0x33 1000M 24M",
+            &src,
+        ],
+    );
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &tgt, "1G"]);
+    std::fs::copy(&src, &snap).unwrap();
+    let sock = p(dir.path(), "nbd.sock");
+    let args = [
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=sf,filename={src}"),
+        "--blockdev".to_string(),
+        "driver=qcow2,node-name=src,file=sf".to_string(),
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=tf,filename={tgt}"),
+        "--blockdev".to_string(),
+        "driver=qcow2,node-name=tgt,file=tf".to_string(),
+        "--nbd-server".to_string(),
+        format!("addr.type=unix,addr.path={sock}"),
+        "--export".to_string(),
+        "type=nbd,id=e0,node-name=src,name=disk,writable=on".to_string(),
+    ];
+    let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
+    let mut qmp = daemon.qmp().expect("monitor answers");
+    qmp.execute(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": 512 << 20}),
+    )
+    .expect("blockdev-backup");
+    // fio writes (and then verifies) over the whole disk while the job runs.
+    let fio = Command::new("fio")
+        .args([
+            "--name=hammer",
+            "--ioengine=nbd",
+            &format!("--uri=nbd+unix:///disk?socket={sock}"),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=1G",
+            "--io_size=24M",
+            "--verify=crc32c",
+            "--do_verify=1",
+            "--verify_fatal=1",
+            "--randrepeat=0",
+        ])
+        .output()
+        .expect("fio is needed (apt-get install fio)");
+    assert!(
+        fio.status.success(),
+        "fio failed:\n{}{}",
+        String::from_utf8_lossy(&fio.stdout),
+        String::from_utf8_lossy(&fio.stderr)
+    );
+    let jobs = qmp.execute("query-block-jobs", json!({})).unwrap();
+    assert_eq!(
+        jobs[0]["status"],
+        json!("running"),
+        "the writes ran during the job: {jobs}"
+    );
+    let done = qmp.wait_event("BLOCK_JOB_COMPLETED", LIMIT).unwrap();
+    assert!(done["data"].get("error").is_none(), "{done}");
+    quit(daemon, qmp);
+    run("qemu-img", &["compare", "-q", &snap, &tgt]);
+    run("qemu-img", &["check", "-q", &src]);
+    run("qemu-img", &["check", "-q", &tgt]);
+    let changed = Command::new("qemu-img")
+        .args(["compare", "-q", &snap, &src])
+        .status()
+        .unwrap();
+    assert!(!changed.success(), "fio's writes are in the source");
+}
