@@ -350,6 +350,7 @@ fn backup_is_a_point_in_time_while_a_client_writes_through_nbd() {
             "--size=1G",
             "--io_size=24M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
             "--randrepeat=0",

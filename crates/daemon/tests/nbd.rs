@@ -207,6 +207,7 @@ fn writes_through_the_export_land_in_the_qcow2_image() {
             "--offset=12M",
             "--size=4M",
             "--verify=crc32c",
+            "--verify_state_save=0",
             "--do_verify=1",
             "--verify_fatal=1",
         ],
@@ -238,4 +239,52 @@ fn writes_through_the_export_land_in_the_qcow2_image() {
     let info: Value =
         serde_json::from_slice(&qemu(&["qemu-img", "info", "--output=json", &img]).stdout).unwrap();
     assert_eq!(info["dirty-flag"], json!(false));
+}
+
+/// An inet server: `nbd://` URLs with qemu-io and qemu-img, and max-connections=1 (no
+/// multi-conn advertised, as QEMU).
+#[test]
+fn inet_export_serves_nbd_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = p(dir.path(), "a.raw");
+    qemu(&["qemu-img", "create", "-q", "-f", "raw", &img, "4M"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut daemon =
+        Daemon::start_in(&blockd(), dir.path(), &[] as &[&str]).expect("blockd starts");
+    let mut qmp = daemon.qmp().unwrap();
+    qmp.execute(
+        "blockdev-add",
+        json!({"driver": "file", "node-name": "f", "filename": img}),
+    )
+    .unwrap();
+    qmp.execute(
+        "nbd-server-start",
+        json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}, "max-connections": 1}),
+    )
+    .unwrap();
+    qmp.execute("nbd-server-add", json!({"device": "f", "writable": true}))
+        .unwrap();
+    let uri = format!("nbd://127.0.0.1:{port}/f");
+    qemu(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write -P 0x3e 1M 64k",
+        "-c",
+        "read -P 0x3e 1M 64k",
+        &uri,
+    ]);
+    let info = tool("nbdinfo", "libnbd-bin", &["--json", &uri]);
+    let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+    assert_eq!(info["exports"][0]["can_multi_conn"], json!(false), "{info}");
+    qemu(&["qemu-img", "compare", "-f", "raw", "-F", "raw", &img, &uri]);
+    qmp.execute("quit", json!({})).unwrap();
+    daemon
+        .wait_exit(std::time::Duration::from_secs(20))
+        .unwrap();
 }
