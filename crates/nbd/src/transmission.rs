@@ -51,12 +51,18 @@ enum Success {
     Status(Vec<(u32, Vec<(u32, u32)>)>),
 }
 
-pub(crate) async fn run<S>(s: Session, mut rd: ReadHalf<S>, wr: WriteHalf<S>) -> io::Result<()>
+pub(crate) async fn run<S>(s: Session, rd: ReadHalf<S>, wr: WriteHalf<S>) -> io::Result<()>
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    // Requests are small: read them from a buffer, not one system call per field.
+    let mut rd = tokio::io::BufReader::with_capacity(256 << 10, rd);
     let s = Arc::new(s);
-    let wr = Arc::new(Mutex::new(wr));
+    // A reply's header and data leave in one system call when they fit the buffer.
+    let wr = Arc::new(Mutex::new(tokio::io::BufWriter::with_capacity(
+        64 << 10,
+        wr,
+    )));
     let slots = Arc::new(Semaphore::new(crate::MAX_IN_FLIGHT));
     let mut tasks = JoinSet::new();
     let result = loop {
@@ -285,57 +291,57 @@ fn simple(out: &mut Vec<u8>, errno: u32, cookie: u64) {
     out.extend_from_slice(&cookie.to_be_bytes());
 }
 
-/// A structured READ reply: holes where the data reads as zeros (unless DF), data elsewhere.
-async fn read_chunks(s: &Session, req: Request, data: Vec<u8>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(data.len() + 64);
-    if data.is_empty() {
-        chunk(&mut out, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]);
-        return out;
+/// Zero runs at least this long (and aligned to it) go out as hole chunks.
+const HOLE_MIN: usize = 4096;
+
+/// Splits a READ's data into data and hole pieces: aligned all-zero runs of at least
+/// [`HOLE_MIN`] bytes are holes (they read as zeros either way, and the client need not
+/// receive them), without asking the backend for block status.
+fn pieces(data: &[u8], df: bool) -> Vec<(usize, usize, bool)> {
+    let mut out: Vec<(usize, usize, bool)> = Vec::new();
+    if df {
+        return vec![(0, data.len(), false)];
     }
-    let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
-    if req.flags & CMD_FLAG_DF == 0 {
-        let end = req.offset + req.len;
-        let mut pos = req.offset;
-        while pos < end {
-            let Ok((len, flags)) = s.export.backend.allocation(pos, end - pos).await else {
-                pieces.clear();
-                break;
-            };
-            let len = len.clamp(1, end - pos);
-            let hole = flags & STATE_ZERO != 0;
-            match pieces.last_mut() {
-                Some(last) if last.2 == hole => last.1 += len,
-                _ => pieces.push((pos, len, hole)),
-            }
-            pos += len;
+    for (i, block) in data.chunks(HOLE_MIN).enumerate() {
+        let hole = block.len() == HOLE_MIN && block.iter().all(|&b| b == 0);
+        let at = i * HOLE_MIN;
+        match out.last_mut() {
+            Some(last) if last.2 == hole => last.1 += block.len(),
+            _ => out.push((at, block.len(), hole)),
         }
     }
-    if pieces.is_empty() {
-        pieces.push((req.offset, req.len, false));
+    out
+}
+
+/// The chunks of a structured READ reply, as (header bytes, data range) pairs written in
+/// order: the data is not copied into the reply.
+fn read_chunks(req: Request, data: &[u8]) -> Vec<(Vec<u8>, Option<(usize, usize)>)> {
+    if data.is_empty() {
+        let mut h = Vec::new();
+        chunk(&mut h, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]);
+        return vec![(h, None)];
     }
-    let n = pieces.len();
-    for (i, (off, len, hole)) in pieces.into_iter().enumerate() {
+    let parts = pieces(data, req.flags & CMD_FLAG_DF != 0);
+    let n = parts.len();
+    let mut out = Vec::with_capacity(n);
+    for (i, (at, len, hole)) in parts.into_iter().enumerate() {
         let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
-        let mut payload = off.to_be_bytes().to_vec();
-        if hole && len <= u64::from(u32::MAX) {
+        let off = req.offset + at as u64;
+        let mut h = Vec::with_capacity(40);
+        if hole {
+            let mut payload = off.to_be_bytes().to_vec();
             payload.extend_from_slice(&(len as u32).to_be_bytes());
-            chunk(
-                &mut out,
-                flags,
-                REPLY_TYPE_OFFSET_HOLE,
-                req.cookie,
-                &payload,
-            );
+            chunk(&mut h, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, &payload);
+            out.push((h, None));
         } else {
-            let at = (off - req.offset) as usize;
-            payload.extend_from_slice(&data[at..at + len as usize]);
-            chunk(
-                &mut out,
-                flags,
-                REPLY_TYPE_OFFSET_DATA,
-                req.cookie,
-                &payload,
-            );
+            // The header announces the offset and the data that follows.
+            h.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+            h.extend_from_slice(&flags.to_be_bytes());
+            h.extend_from_slice(&REPLY_TYPE_OFFSET_DATA.to_be_bytes());
+            h.extend_from_slice(&req.cookie.to_be_bytes());
+            h.extend_from_slice(&((len + 8) as u32).to_be_bytes());
+            h.extend_from_slice(&off.to_be_bytes());
+            out.push((h, Some((at, at + len))));
         }
     }
     out
@@ -365,10 +371,23 @@ async fn send<W: AsyncWrite + Unpin>(
         }
         Err(f) => simple(&mut out, f.errno, req.cookie),
         Ok(Success::Done) => simple(&mut out, 0, req.cookie),
-        Ok(Success::Data(data)) if s.structured => out = read_chunks(s, req, data).await,
+        Ok(Success::Data(data)) if s.structured => {
+            let chunks = read_chunks(req, &data);
+            let mut w = wr.lock().await;
+            for (header, range) in chunks {
+                w.write_all(&header).await?;
+                if let Some((a, b)) = range {
+                    w.write_all(&data[a..b]).await?;
+                }
+            }
+            return w.flush().await;
+        }
         Ok(Success::Data(data)) => {
             simple(&mut out, 0, req.cookie);
-            out.extend_from_slice(&data);
+            let mut w = wr.lock().await;
+            w.write_all(&out).await?;
+            w.write_all(&data).await?;
+            return w.flush().await;
         }
         Ok(Success::Status(chunks)) => {
             let n = chunks.len();
@@ -389,5 +408,7 @@ async fn send<W: AsyncWrite + Unpin>(
             }
         }
     }
-    wr.lock().await.write_all(&out).await
+    let mut w = wr.lock().await;
+    w.write_all(&out).await?;
+    w.flush().await
 }

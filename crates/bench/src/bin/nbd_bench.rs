@@ -1,0 +1,323 @@
+//! `nbd-bench`: NBD exports of blockd and qemu-storage-daemon side by side in one run.
+//!
+//! For a raw and a qcow2 image (fully allocated with random data), each daemon exports the
+//! node writable over a unix socket and real clients run against it: `nbdcopy` to `null:`
+//! (sequential read) and from a local file (sequential write), and fio's nbd engine with
+//! 4 KiB random reads and writes at queue depth 32. Rounds alternate which daemon goes
+//! first; medians and blockd/QSD throughput ratios (higher is better) are reported, with
+//! what memcpy and a unix socket carry on this machine for scale. Timing is never asserted.
+//!
+//! ```text
+//! cargo build --release -p daemon -p bench
+//! target/release/nbd-bench [--rounds N] [--size-mib N] [--dir DIR] [--out BENCHMARKS.md]
+//! ```
+
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use testkit::Daemon;
+
+const START_MARK: &str = "<!-- nbd-bench:start -->";
+const END_MARK: &str = "<!-- nbd-bench:end -->";
+
+struct Options {
+    rounds: usize,
+    size_mib: u64,
+    dir: Option<PathBuf>,
+    out: Option<PathBuf>,
+    blockd: PathBuf,
+    qsd: PathBuf,
+}
+
+fn parse() -> Result<Options> {
+    let mut opts = Options {
+        rounds: 3,
+        size_mib: 2048,
+        dir: None,
+        out: None,
+        blockd: std::env::current_exe()?.with_file_name("blockd"),
+        qsd: testkit::qsd_path(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || args.next().context("missing value");
+        match arg.as_str() {
+            "--rounds" => opts.rounds = value()?.parse()?,
+            "--size-mib" => opts.size_mib = value()?.parse()?,
+            "--dir" => opts.dir = Some(PathBuf::from(value()?)),
+            "--out" => opts.out = Some(PathBuf::from(value()?)),
+            "--blockd" => opts.blockd = PathBuf::from(value()?),
+            "--qsd" => opts.qsd = PathBuf::from(value()?),
+            other => bail!(
+                "unknown option {other}; usage: nbd-bench [--rounds N] [--size-mib N] [--dir DIR] \
+                 [--out FILE] [--blockd PATH] [--qsd PATH]"
+            ),
+        }
+    }
+    if !opts.blockd.is_file() {
+        bail!(
+            "blockd not found at {} (cargo build --release -p daemon, or --blockd)",
+            opts.blockd.display()
+        );
+    }
+    Ok(opts)
+}
+
+fn run(program: &str, package: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("{program} is needed (apt-get install {package})"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// A file of `mib` MiB of pseudo-random bytes.
+fn random_file(path: &Path, mib: u64) -> Result<()> {
+    let f = std::fs::File::create(path)?;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut buf = vec![0u8; 1 << 20];
+    for m in 0..mib {
+        for chunk in buf.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes());
+        }
+        f.write_all_at(&buf, m << 20)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum Work {
+    SeqRead,
+    SeqWrite,
+    RandRead,
+    RandWrite,
+}
+
+impl Work {
+    fn label(self) -> &'static str {
+        match self {
+            Work::SeqRead => "sequential read (nbdcopy to null:)",
+            Work::SeqWrite => "sequential write (nbdcopy from a file)",
+            Work::RandRead => "random read 4 KiB, QD 32 (fio nbd)",
+            Work::RandWrite => "random write 4 KiB, QD 32 (fio nbd)",
+        }
+    }
+}
+
+/// Throughput in MiB/s of one workload against the export at `uri`.
+fn measure(work: Work, uri: &str, local: &Path, mib: u64) -> Result<f64> {
+    match work {
+        Work::SeqRead | Work::SeqWrite => {
+            let local = local.to_str().context("path")?;
+            let started = Instant::now();
+            match work {
+                Work::SeqRead => run("nbdcopy", "libnbd-bin", &[uri, "null:"])?,
+                _ => run("nbdcopy", "libnbd-bin", &[local, uri])?,
+            };
+            Ok(mib as f64 / started.elapsed().as_secs_f64())
+        }
+        Work::RandRead | Work::RandWrite => {
+            let rw = if matches!(work, Work::RandRead) {
+                "randread"
+            } else {
+                "randwrite"
+            };
+            let out = run(
+                "fio",
+                "fio",
+                &[
+                    "--name=bench",
+                    "--ioengine=nbd",
+                    &format!("--uri={uri}"),
+                    &format!("--rw={rw}"),
+                    "--bs=4k",
+                    "--iodepth=32",
+                    &format!("--size={mib}M"),
+                    "--runtime=4",
+                    "--time_based",
+                    "--output-format=json",
+                ],
+            )?;
+            // fio may print notes before its JSON.
+            let json = out.find('{').map_or(out.as_str(), |at| &out[at..]);
+            let v: serde_json::Value = serde_json::from_str(json).context("fio's json")?;
+            let side = if matches!(work, Work::RandRead) {
+                "read"
+            } else {
+                "write"
+            };
+            let bw_kib = v["jobs"][0][side]["bw"].as_f64().context("fio bandwidth")?;
+            Ok(bw_kib / 1024.0)
+        }
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// What one CPU copies in memory, MiB/s.
+fn memcpy_limit() -> f64 {
+    let src = vec![7u8; 256 << 20];
+    let mut dst = vec![0u8; 256 << 20];
+    let started = Instant::now();
+    for _ in 0..4 {
+        dst.copy_from_slice(&src);
+        std::hint::black_box(&dst);
+    }
+    1024.0 / started.elapsed().as_secs_f64()
+}
+
+/// What a unix socket carries between two threads, MiB/s.
+fn socket_limit() -> Result<f64> {
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair()?;
+    let total = 1u64 << 30;
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut got = 0u64;
+        while got < total {
+            let n = b.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        Ok(())
+    });
+    let buf = vec![1u8; 1 << 20];
+    let started = Instant::now();
+    for _ in 0..total >> 20 {
+        a.write_all(&buf)?;
+    }
+    drop(a);
+    reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    Ok(1024.0 / started.elapsed().as_secs_f64())
+}
+
+fn main() -> Result<()> {
+    let opts = parse()?;
+    let base = opts.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    let dir = tempfile::Builder::new()
+        .prefix("nbd-bench-")
+        .tempdir_in(&base)?;
+    let local = dir.path().join("local.raw");
+    eprintln!("making {} MiB of random data", opts.size_mib);
+    random_file(&local, opts.size_mib)?;
+    let l = local.to_str().context("path")?;
+    let raw = dir.path().join("disk.raw");
+    let qcow2 = dir.path().join("disk.qcow2");
+    run(
+        "qemu-img",
+        "qemu-utils",
+        &["convert", "-O", "raw", l, raw.to_str().context("path")?],
+    )?;
+    run(
+        "qemu-img",
+        "qemu-utils",
+        &["convert", "-O", "qcow2", l, qcow2.to_str().context("path")?],
+    )?;
+    let sides = [("blockd", opts.blockd.clone()), ("qemu", opts.qsd.clone())];
+    let works = [
+        Work::SeqRead,
+        Work::SeqWrite,
+        Work::RandRead,
+        Work::RandWrite,
+    ];
+    let mut rows = String::new();
+    for (fmt, image) in [("raw", &raw), ("qcow2", &qcow2)] {
+        let mut got: Vec<[Vec<f64>; 2]> = works.iter().map(|_| [Vec::new(), Vec::new()]).collect();
+        for round in 0..opts.rounds {
+            let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for i in order {
+                let sock = dir.path().join("nbd.sock");
+                let _ = std::fs::remove_file(&sock);
+                let img = image.to_str().context("path")?;
+                let args = [
+                    "--blockdev".to_string(),
+                    format!("driver=file,node-name=f,filename={img}"),
+                    "--blockdev".to_string(),
+                    format!("driver={fmt},node-name=d,file=f"),
+                    "--nbd-server".to_string(),
+                    format!("addr.type=unix,addr.path={}", sock.display()),
+                    "--export".to_string(),
+                    "type=nbd,id=e,node-name=d,name=disk,writable=on".to_string(),
+                ];
+                let mut daemon = Daemon::start_in(&sides[i].1, dir.path(), &args)?;
+                for _ in 0..200 {
+                    if sock.exists() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+                for (w, work) in works.iter().enumerate() {
+                    let mibs = measure(*work, &uri, &local, opts.size_mib)?;
+                    eprintln!(
+                        "round {}/{} {fmt:5} {:6} {:45} {mibs:8.1} MiB/s",
+                        round + 1,
+                        opts.rounds,
+                        sides[i].0,
+                        work.label()
+                    );
+                    got[w][i].push(mibs);
+                }
+                daemon.kill();
+            }
+        }
+        for (w, work) in works.iter().enumerate() {
+            let (b, q) = (median(got[w][0].clone()), median(got[w][1].clone()));
+            writeln!(
+                rows,
+                "| {fmt} | {} | {b:.0} MiB/s | {q:.0} MiB/s | {:.2} |",
+                work.label(),
+                b / q
+            )?;
+        }
+    }
+    let memcpy = memcpy_limit();
+    let socket = socket_limit()?;
+    let mut section = String::new();
+    writeln!(section, "{START_MARK}")?;
+    writeln!(section, "## NBD exports: blockd vs qemu-storage-daemon\n")?;
+    writeln!(section, "- date: {}", bench::today())?;
+    writeln!(section, "- machine: {}", bench::machine())?;
+    writeln!(
+        section,
+        "- method: `target/release/nbd-bench --rounds {} --out BENCHMARKS.md`; a {} MiB image fully allocated with random data (raw, and qcow2 made by `qemu-img convert`), exported writable over a unix socket by each daemon in turn (`--nbd-server` and `--export`, defaults otherwise); rounds alternate which daemon goes first; medians",
+        opts.rounds, opts.size_mib
+    )?;
+    writeln!(
+        section,
+        "- limits on this machine, for scale: memcpy {memcpy:.0} MiB/s (one thread), a unix socket between two threads {socket:.0} MiB/s\n"
+    )?;
+    writeln!(section, "| image | workload | blockd | QSD | blockd/QSD |")?;
+    writeln!(section, "|---|---|---:|---:|---:|")?;
+    section.push_str(&rows);
+    writeln!(section, "{END_MARK}")?;
+    print!("{section}");
+    std::io::stdout().flush()?;
+    if let Some(out) = &opts.out {
+        bench::write_section(out, START_MARK, END_MARK, &section)?;
+        eprintln!("wrote {}", out.display());
+    }
+    Ok(())
+}
