@@ -60,3 +60,54 @@ pub fn write_section(path: &Path, start: &str, end: &str, section: &str) -> Resu
     };
     std::fs::write(path, new).with_context(|| format!("cannot write {}", path.display()))
 }
+
+/// Options of the side-by-side benchmarks that run both daemons on images they make.
+#[derive(Debug, Clone)]
+pub struct SideBySide {
+    pub rounds: usize,
+    pub size_mib: u64,
+    /// Where the images go (a temporary directory inside it); default `.`.
+    pub dir: Option<std::path::PathBuf>,
+    /// The report file whose marked section is replaced.
+    pub out: Option<std::path::PathBuf>,
+    pub blockd: std::path::PathBuf,
+    pub qsd: std::path::PathBuf,
+}
+
+impl SideBySide {
+    /// Parses `--rounds`, `--size-mib`, `--dir`, `--out`, `--blockd`, `--qsd`; blockd
+    /// defaults to the binary next to this one.
+    pub fn parse(program: &str, rounds: usize, size_mib: u64) -> Result<Self> {
+        let mut opts = SideBySide {
+            rounds,
+            size_mib,
+            dir: None,
+            out: None,
+            blockd: std::env::current_exe()?.with_file_name("blockd"),
+            qsd: testkit::qsd_path(),
+        };
+        let mut args = std::env::args().skip(1);
+        while let Some(arg) = args.next() {
+            let mut value = || args.next().context("missing value");
+            match arg.as_str() {
+                "--rounds" => opts.rounds = value()?.parse()?,
+                "--size-mib" => opts.size_mib = value()?.parse()?,
+                "--dir" => opts.dir = Some(value()?.into()),
+                "--out" => opts.out = Some(value()?.into()),
+                "--blockd" => opts.blockd = value()?.into(),
+                "--qsd" => opts.qsd = value()?.into(),
+                other => anyhow::bail!(
+                    "unknown option {other}; usage: {program} [--rounds N] [--size-mib N] \
+                     [--dir DIR] [--out FILE] [--blockd PATH] [--qsd PATH]"
+                ),
+            }
+        }
+        if !opts.blockd.is_file() {
+            anyhow::bail!(
+                "blockd not found at {} (cargo build --release -p daemon, or --blockd)",
+                opts.blockd.display()
+            );
+        }
+        Ok(opts)
+    }
+}

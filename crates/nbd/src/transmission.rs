@@ -315,7 +315,10 @@ fn pieces(data: &[u8], df: bool) -> Vec<(usize, usize, bool)> {
 
 /// The chunks of a structured READ reply, as (header bytes, data range) pairs written in
 /// order: the data is not copied into the reply.
-fn read_chunks(req: Request, data: &[u8]) -> Vec<(Vec<u8>, Option<(usize, usize)>)> {
+/// One chunk of a READ reply: its header, and the range of the data that follows it.
+type Piece = (Vec<u8>, Option<(usize, usize)>);
+
+fn read_chunks(req: Request, data: &[u8]) -> Vec<Piece> {
     if data.is_empty() {
         let mut h = Vec::new();
         chunk(&mut h, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]);

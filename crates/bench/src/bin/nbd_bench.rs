@@ -25,49 +25,6 @@ use testkit::Daemon;
 const START_MARK: &str = "<!-- nbd-bench:start -->";
 const END_MARK: &str = "<!-- nbd-bench:end -->";
 
-struct Options {
-    rounds: usize,
-    size_mib: u64,
-    dir: Option<PathBuf>,
-    out: Option<PathBuf>,
-    blockd: PathBuf,
-    qsd: PathBuf,
-}
-
-fn parse() -> Result<Options> {
-    let mut opts = Options {
-        rounds: 3,
-        size_mib: 2048,
-        dir: None,
-        out: None,
-        blockd: std::env::current_exe()?.with_file_name("blockd"),
-        qsd: testkit::qsd_path(),
-    };
-    let mut args = std::env::args().skip(1);
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().context("missing value");
-        match arg.as_str() {
-            "--rounds" => opts.rounds = value()?.parse()?,
-            "--size-mib" => opts.size_mib = value()?.parse()?,
-            "--dir" => opts.dir = Some(PathBuf::from(value()?)),
-            "--out" => opts.out = Some(PathBuf::from(value()?)),
-            "--blockd" => opts.blockd = PathBuf::from(value()?),
-            "--qsd" => opts.qsd = PathBuf::from(value()?),
-            other => bail!(
-                "unknown option {other}; usage: nbd-bench [--rounds N] [--size-mib N] [--dir DIR] \
-                 [--out FILE] [--blockd PATH] [--qsd PATH]"
-            ),
-        }
-    }
-    if !opts.blockd.is_file() {
-        bail!(
-            "blockd not found at {} (cargo build --release -p daemon, or --blockd)",
-            opts.blockd.display()
-        );
-    }
-    Ok(opts)
-}
-
 fn run(program: &str, package: &str, args: &[&str]) -> Result<String> {
     let out = Command::new(program)
         .args(args)
@@ -214,7 +171,7 @@ fn socket_limit() -> Result<f64> {
 }
 
 fn main() -> Result<()> {
-    let opts = parse()?;
+    let opts = bench::SideBySide::parse("nbd-bench", 3, 2048)?;
     let base = opts.dir.clone().unwrap_or_else(|| PathBuf::from("."));
     let dir = tempfile::Builder::new()
         .prefix("nbd-bench-")
