@@ -335,7 +335,8 @@ fn backup_is_a_point_in_time_while_a_client_writes_through_nbd() {
     let mut qmp = daemon.qmp().expect("monitor answers");
     qmp.execute(
         "blockdev-backup",
-        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": 512 << 20}),
+        // At 32 MiB/s the job needs half a minute: fio is done long before.
+        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": 32 << 20}),
     )
     .expect("blockdev-backup");
     // fio writes (and then verifies) over the whole disk while the job runs.
@@ -369,6 +370,8 @@ fn backup_is_a_point_in_time_while_a_client_writes_through_nbd() {
         json!("running"),
         "the writes ran during the job: {jobs}"
     );
+    qmp.execute("block-job-set-speed", json!({"device": "b", "speed": 0}))
+        .unwrap();
     let done = qmp.wait_event("BLOCK_JOB_COMPLETED", LIMIT).unwrap();
     assert!(done["data"].get("error").is_none(), "{done}");
     quit(daemon, qmp);

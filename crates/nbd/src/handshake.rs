@@ -17,6 +17,8 @@ pub(crate) const CTX_DEPTH: u32 = 1;
 pub(crate) struct Session {
     pub export: Arc<Export>,
     pub structured: bool,
+    /// Extended headers: 32-byte requests, every reply an extended chunk.
+    pub extended: bool,
     /// Selected meta contexts (ids), in id order.
     pub contexts: Vec<u32>,
     pub size: u64,
@@ -26,6 +28,7 @@ pub(crate) struct Session {
 #[derive(Default)]
 struct Negotiation {
     structured: bool,
+    extended: bool,
     /// Selected contexts and the export they were selected for.
     contexts: Vec<u32>,
     contexts_for: Option<String>,
@@ -149,6 +152,13 @@ where
         }
         match opt {
             OPT_EXPORT_NAME => {
+                if neg.extended {
+                    // It cannot carry an error, and extended headers forbid it.
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "EXPORT_NAME after extended headers",
+                    ));
+                }
                 let name = String::from_utf8_lossy(&data).into_owned();
                 let Some(export) = server.export(&name) else {
                     return Err(io::Error::new(
@@ -169,6 +179,7 @@ where
                 return Ok(Some(Session {
                     export,
                     structured: neg.structured,
+                    extended: false,
                     contexts,
                     size,
                 }));
@@ -214,6 +225,9 @@ where
                         "STRUCTURED_REPLY must not have a payload",
                     )
                     .await?;
+                } else if neg.extended {
+                    let text = "extended headers already negotiated";
+                    error(wr, opt, REP_ERR_EXT_HEADER_REQD, text).await?;
                 } else if neg.structured {
                     error(
                         wr,
@@ -223,6 +237,19 @@ where
                     )
                     .await?;
                 } else {
+                    neg.structured = true;
+                    reply(wr, opt, REP_ACK, &[]).await?;
+                }
+            }
+            OPT_EXTENDED_HEADERS => {
+                if !data.is_empty() {
+                    let text = "EXTENDED_HEADERS must not have a payload";
+                    error(wr, opt, REP_ERR_INVALID, text).await?;
+                } else if neg.extended {
+                    let text = "extended headers already negotiated";
+                    error(wr, opt, REP_ERR_INVALID, text).await?;
+                } else {
+                    neg.extended = true;
                     neg.structured = true;
                     reply(wr, opt, REP_ACK, &[]).await?;
                 }
@@ -332,6 +359,7 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
         contexts: selected_for(neg, &name),
         export,
         structured: neg.structured,
+        extended: neg.extended,
         size,
     }))
 }

@@ -71,11 +71,27 @@ where
             .acquire_owned()
             .await
             .map_err(|_| io::Error::other("request slots closed"))?;
-        let mut header = [0u8; 28];
-        match rd.read_exact(&mut header).await {
+        let hlen = if s.extended { 32 } else { 28 };
+        let mut header = [0u8; 32];
+        // The magic first: a request of the wrong kind is refused before its rest arrives.
+        match rd.read_exact(&mut header[..4]).await {
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break Ok(()),
             Err(e) => break Err(e),
+        }
+        let expected = if s.extended {
+            EXT_REQUEST_MAGIC
+        } else {
+            REQUEST_MAGIC
+        };
+        if header[..4] != expected.to_be_bytes() {
+            break Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "bad request magic",
+            ));
+        }
+        if let Err(e) = rd.read_exact(&mut header[4..hlen]).await {
+            break Err(e);
         }
         let be32 =
             |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
@@ -85,28 +101,31 @@ where
             b.copy_from_slice(&header[i..i + 8]);
             u64::from_be_bytes(b)
         };
-        if be32(0) != REQUEST_MAGIC {
-            break Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "bad request magic",
-            ));
-        }
         let req = Request {
             flags: be16(4),
             cmd: be16(6),
             cookie: be64(8),
             offset: be64(16),
-            len: u64::from(be32(24)),
+            len: if s.extended {
+                be64(24)
+            } else {
+                u64::from(be32(24))
+            },
         };
+        // A payload follows a WRITE (its length is the payload's, with or without
+        // PAYLOAD_LEN, as QEMU reads it) and, with extended headers, any request that sets
+        // PAYLOAD_LEN.
+        let has_payload =
+            req.cmd == CMD_WRITE || (s.extended && req.flags & CMD_FLAG_PAYLOAD_LEN != 0);
         let mut payload = Vec::new();
-        if req.cmd == CMD_WRITE {
+        if has_payload {
             if req.len > MAX_BUFFER {
                 // The payload cannot be skipped safely: answer and drop the client.
                 let f = fail(EINVAL, format!("len ({}) is larger than max len", req.len));
                 let _ = send(&s, &wr, req, Err(f)).await;
                 break Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    "write too large",
+                    "payload too large",
                 ));
             }
             payload = vec![0u8; req.len as usize];
@@ -140,10 +159,11 @@ where
     result
 }
 
-fn allowed_flags(cmd: u16, structured: bool) -> Option<u16> {
+fn allowed_flags(cmd: u16, structured: bool, extended: bool) -> Option<u16> {
     let df = if structured { CMD_FLAG_DF } else { 0 };
     Some(match cmd {
         CMD_READ => CMD_FLAG_FUA | df,
+        CMD_WRITE if extended => CMD_FLAG_FUA | CMD_FLAG_PAYLOAD_LEN,
         CMD_WRITE | CMD_FLUSH | CMD_TRIM | CMD_CACHE => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE | CMD_FLAG_FAST_ZERO,
         CMD_BLOCK_STATUS => CMD_FLAG_FUA | CMD_FLAG_REQ_ONE,
@@ -152,7 +172,10 @@ fn allowed_flags(cmd: u16, structured: bool) -> Option<u16> {
 }
 
 async fn execute(s: &Session, req: Request, payload: Vec<u8>) -> Result<Success, Failure> {
-    let Some(allowed) = allowed_flags(req.cmd, s.structured) else {
+    if s.extended && req.cmd != CMD_WRITE && req.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
+        return Err(fail(EINVAL, "unexpected payload"));
+    }
+    let Some(allowed) = allowed_flags(req.cmd, s.structured, s.extended) else {
         return Err(fail(
             EINVAL,
             format!("invalid request type ({}) received", req.cmd),
@@ -276,12 +299,33 @@ async fn block_status(s: &Session, req: Request) -> Result<Success, Failure> {
     Ok(Success::Status(chunks))
 }
 
-fn chunk(out: &mut Vec<u8>, flags: u16, ty: u16, cookie: u64, payload: &[u8]) {
-    out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+/// How reply chunks are framed: structured, or extended (which echoes the request's offset
+/// and has 64-bit lengths).
+#[derive(Clone, Copy)]
+struct Framing {
+    extended: bool,
+    offset: u64,
+}
+
+fn chunk_header(out: &mut Vec<u8>, fr: Framing, flags: u16, ty: u16, cookie: u64, len: u64) {
+    if fr.extended {
+        out.extend_from_slice(&EXT_REPLY_MAGIC.to_be_bytes());
+    } else {
+        out.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
+    }
     out.extend_from_slice(&flags.to_be_bytes());
     out.extend_from_slice(&ty.to_be_bytes());
     out.extend_from_slice(&cookie.to_be_bytes());
-    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    if fr.extended {
+        out.extend_from_slice(&fr.offset.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+    } else {
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+    }
+}
+
+fn chunk(out: &mut Vec<u8>, fr: Framing, flags: u16, ty: u16, cookie: u64, payload: &[u8]) {
+    chunk_header(out, fr, flags, ty, cookie, payload.len() as u64);
     out.extend_from_slice(payload);
 }
 
@@ -318,10 +362,17 @@ fn pieces(data: &[u8], df: bool) -> Vec<(usize, usize, bool)> {
 /// One chunk of a READ reply: its header, and the range of the data that follows it.
 type Piece = (Vec<u8>, Option<(usize, usize)>);
 
-fn read_chunks(req: Request, data: &[u8]) -> Vec<Piece> {
+fn read_chunks(req: Request, fr: Framing, data: &[u8]) -> Vec<Piece> {
     if data.is_empty() {
         let mut h = Vec::new();
-        chunk(&mut h, REPLY_FLAG_DONE, REPLY_TYPE_NONE, req.cookie, &[]);
+        chunk(
+            &mut h,
+            fr,
+            REPLY_FLAG_DONE,
+            REPLY_TYPE_NONE,
+            req.cookie,
+            &[],
+        );
         return vec![(h, None)];
     }
     let parts = pieces(data, req.flags & CMD_FLAG_DF != 0);
@@ -334,15 +385,19 @@ fn read_chunks(req: Request, data: &[u8]) -> Vec<Piece> {
         if hole {
             let mut payload = off.to_be_bytes().to_vec();
             payload.extend_from_slice(&(len as u32).to_be_bytes());
-            chunk(&mut h, flags, REPLY_TYPE_OFFSET_HOLE, req.cookie, &payload);
+            chunk(
+                &mut h,
+                fr,
+                flags,
+                REPLY_TYPE_OFFSET_HOLE,
+                req.cookie,
+                &payload,
+            );
             out.push((h, None));
         } else {
             // The header announces the offset and the data that follows.
-            h.extend_from_slice(&STRUCTURED_REPLY_MAGIC.to_be_bytes());
-            h.extend_from_slice(&flags.to_be_bytes());
-            h.extend_from_slice(&REPLY_TYPE_OFFSET_DATA.to_be_bytes());
-            h.extend_from_slice(&req.cookie.to_be_bytes());
-            h.extend_from_slice(&((len + 8) as u32).to_be_bytes());
+            let ty = REPLY_TYPE_OFFSET_DATA;
+            chunk_header(&mut h, fr, flags, ty, req.cookie, len as u64 + 8);
             h.extend_from_slice(&off.to_be_bytes());
             out.push((h, Some((at, at + len))));
         }
@@ -356,6 +411,10 @@ async fn send<W: AsyncWrite + Unpin>(
     req: Request,
     result: Result<Success, Failure>,
 ) -> io::Result<()> {
+    let fr = Framing {
+        extended: s.extended,
+        offset: req.offset,
+    };
     let mut out = Vec::new();
     match result {
         Err(f) if s.structured => {
@@ -364,18 +423,24 @@ async fn send<W: AsyncWrite + Unpin>(
             let mut payload = f.errno.to_be_bytes().to_vec();
             payload.extend_from_slice(&(msg.len() as u16).to_be_bytes());
             payload.extend_from_slice(msg);
-            chunk(
-                &mut out,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_ERROR,
-                req.cookie,
-                &payload,
-            );
+            let ty = REPLY_TYPE_ERROR;
+            chunk(&mut out, fr, REPLY_FLAG_DONE, ty, req.cookie, &payload);
         }
         Err(f) => simple(&mut out, f.errno, req.cookie),
+        // Extended headers never use simple replies.
+        Ok(Success::Done) if s.extended => {
+            chunk(
+                &mut out,
+                fr,
+                REPLY_FLAG_DONE,
+                REPLY_TYPE_NONE,
+                req.cookie,
+                &[],
+            );
+        }
         Ok(Success::Done) => simple(&mut out, 0, req.cookie),
         Ok(Success::Data(data)) if s.structured => {
-            let chunks = read_chunks(req, &data);
+            let chunks = read_chunks(req, fr, &data);
             let mut w = wr.lock().await;
             for (header, range) in chunks {
                 w.write_all(&header).await?;
@@ -396,18 +461,25 @@ async fn send<W: AsyncWrite + Unpin>(
             let n = chunks.len();
             for (i, (ctx, extents)) in chunks.into_iter().enumerate() {
                 let mut payload = ctx.to_be_bytes().to_vec();
+                if s.extended {
+                    payload.extend_from_slice(&(extents.len() as u32).to_be_bytes());
+                }
                 for (len, flags) in extents {
-                    payload.extend_from_slice(&len.to_be_bytes());
-                    payload.extend_from_slice(&flags.to_be_bytes());
+                    if s.extended {
+                        payload.extend_from_slice(&u64::from(len).to_be_bytes());
+                        payload.extend_from_slice(&u64::from(flags).to_be_bytes());
+                    } else {
+                        payload.extend_from_slice(&len.to_be_bytes());
+                        payload.extend_from_slice(&flags.to_be_bytes());
+                    }
                 }
                 let flags = if i + 1 == n { REPLY_FLAG_DONE } else { 0 };
-                chunk(
-                    &mut out,
-                    flags,
-                    REPLY_TYPE_BLOCK_STATUS,
-                    req.cookie,
-                    &payload,
-                );
+                let ty = if s.extended {
+                    REPLY_TYPE_BLOCK_STATUS_EXT
+                } else {
+                    REPLY_TYPE_BLOCK_STATUS
+                };
+                chunk(&mut out, fr, flags, ty, req.cookie, &payload);
             }
         }
     }

@@ -258,3 +258,47 @@ fn hundreds_of_connections_at_once_are_served() {
     drop(clients);
     still_serves(&f);
 }
+
+#[test]
+fn extended_headers_framing_and_misuse() {
+    let f = Fixture::new();
+    // EXTENDED_HEADERS, then STRUCTURED_REPLY is refused and EXPORT_NAME drops the client.
+    let mut s = connect(&f);
+    hello(&mut s, 3);
+    option(&mut s, OPT_EXTENDED_HEADERS, b"");
+    assert_eq!(option_reply(&mut s).1, REP_ACK);
+    option(&mut s, OPT_EXTENDED_HEADERS, b"");
+    assert_eq!(option_reply(&mut s).1, REP_ERR_INVALID);
+    option(&mut s, OPT_STRUCTURED_REPLY, b"");
+    assert_eq!(option_reply(&mut s).1, REP_ERR_EXT_HEADER_REQD);
+    option(&mut s, OPT_EXPORT_NAME, b"disk");
+    assert!(closed(&mut s));
+    // GO in extended mode: a FLUSH gets a NONE chunk echoing the offset, a compact request
+    // drops the client.
+    let mut s = connect(&f);
+    hello(&mut s, 3);
+    option(&mut s, OPT_EXTENDED_HEADERS, b"");
+    assert_eq!(option_reply(&mut s).1, REP_ACK);
+    let mut go = 4u32.to_be_bytes().to_vec();
+    go.extend_from_slice(b"disk");
+    go.extend_from_slice(&0u16.to_be_bytes());
+    option(&mut s, OPT_GO, &go);
+    while option_reply(&mut s).1 != REP_ACK {}
+    let mut m = EXT_REQUEST_MAGIC.to_be_bytes().to_vec();
+    m.extend_from_slice(&0u16.to_be_bytes());
+    m.extend_from_slice(&CMD_FLUSH.to_be_bytes());
+    m.extend_from_slice(&77u64.to_be_bytes());
+    m.extend_from_slice(&0u64.to_be_bytes());
+    m.extend_from_slice(&0u64.to_be_bytes());
+    s.write_all(&m).unwrap();
+    let mut h = [0u8; 32];
+    s.read_exact(&mut h).unwrap();
+    assert_eq!(&h[..4], &EXT_REPLY_MAGIC.to_be_bytes());
+    assert_eq!(u16::from_be_bytes([h[4], h[5]]), REPLY_FLAG_DONE);
+    assert_eq!(u16::from_be_bytes([h[6], h[7]]), REPLY_TYPE_NONE);
+    assert_eq!(u64::from_be_bytes(h[8..16].try_into().unwrap()), 77);
+    assert_eq!(u64::from_be_bytes(h[24..32].try_into().unwrap()), 0);
+    request(&mut s, CMD_FLUSH, 0, 78, 0, 0);
+    assert!(closed(&mut s));
+    still_serves(&f);
+}
