@@ -9,11 +9,11 @@
 //! - a node being flushed raises `flush_to_os`, and `flush_to_disk` when it was written
 //!   since its last flush, on its primary child (`file` / `image`);
 //! - `raw` raises `read_aio` / `write_aio` on its `file` child for every guest read/write;
-//! - `qcow2` raises on its `file` child `read_aio` / `write_aio` for guest data,
-//!   `read_backing_aio` for data it reads from the backing file, and its metadata events
-//!   (`l1_update`, `l2_load`, `l2_update`, `l2_alloc_write`, `refblock_load`,
-//!   `refblock_update`, `cluster_alloc`, `cluster_free`, `cow_read`, `cow_write`, …)
-//!   through the qcow2 library's storage hooks;
+//! - `qcow2` raises on its `file` child `read_aio` / `write_aio` once per guest request
+//!   (QEMU raises them per cluster run, just before the data I/O) and `read_backing_aio`
+//!   when a read falls through to the backing file. Its metadata events (`l1_update`,
+//!   `l2_load`, `l2_update`, `refblock_update`, `cluster_alloc`, …) are accepted in rules
+//!   but not raised yet: the qcow2 library has no hook for them;
 //! - a `blkdebug` node raises `none` on itself once, when it opens.
 
 use serde::Deserialize;

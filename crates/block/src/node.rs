@@ -423,6 +423,14 @@ impl Node {
             .map(|c| &c.node)
     }
 
+    /// The child a filter driver passes requests to (blkdebug's `image`).
+    pub fn filtered(&self) -> Option<&Arc<Node>> {
+        self.children
+            .iter()
+            .find(|c| matches!(c.role, ChildRole::Debug { .. }))
+            .map(|c| &c.node)
+    }
+
     /// Reads `buf.len()` bytes at `offset` for a parent driver: bytes past the node's
     /// end read as zeroes.
     pub(crate) async fn read_padded(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
@@ -439,13 +447,19 @@ impl Node {
     pub fn info(&self) -> NodeInfo {
         let filename = self.filename();
         let extra = self.driver.info();
-        let backing = self.backing().map(|b| b.info());
+        // QEMU walks the chain through filters too (blkdebug's `image`), but names only a
+        // real backing file in `backing_file`.
+        let real_backing = self.backing().is_some();
+        let backing = self.backing().or_else(|| self.filtered()).map(|b| b.info());
         NodeInfo {
             node_name: self.name.clone(),
             file: filename.clone(),
             ro: self.flags.read_only,
             drv: self.driver.name(),
-            backing_file: backing.as_ref().map(|b| b.file.clone()),
+            backing_file: backing
+                .as_ref()
+                .filter(|_| real_backing)
+                .map(|b| b.file.clone()),
             backing_file_depth: backing.as_ref().map_or(0, |b| b.backing_file_depth + 1),
             active: self.flags.active,
             encrypted: false,
