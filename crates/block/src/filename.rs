@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 const QDICT_BUCKETS: u32 = 512;
 
 /// The QDict bucket of `key`.
-fn bucket(key: &str) -> u32 {
+pub(crate) fn bucket(key: &str) -> u32 {
     let bytes = key.as_bytes();
     let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
     let mut value = 0x238F_13AFu32.wrapping_mul(len);

@@ -10,13 +10,16 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
+use crate::driver::blkdebug;
 use crate::driver::file::{FileDriver, FileOpenFlags};
 use crate::driver::null::NullDriver;
 use crate::driver::raw::RawDriver;
 use crate::driver::{BlockDriver, Extent, WriteFlags, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::node::{cumulative, Child, Node, NodeFlags, NodeHold, NodeInfo, ParentEdge, ParentKey};
-use crate::options::{BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverOptions};
+use crate::options::{
+    BlkdebugOptions, BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverOptions,
+};
 use crate::perm::{ChildRole, Perm};
 
 mod format;
@@ -421,6 +424,7 @@ impl BlockGraph {
         name: &mut Option<String>,
     ) -> Result<Opened> {
         match opts {
+            DriverOptions::Blkdebug(blkdebug) => self.open_blkdebug(blkdebug, flags, name).await,
             DriverOptions::File(file) => {
                 let open_flags = FileOpenFlags {
                     read_only: flags.read_only,
@@ -458,6 +462,38 @@ impl BlockGraph {
                         Err(err)
                     }
                 }
+            }
+        }
+    }
+
+    /// Opens a `blkdebug` node: its options and rules, then its `image` child, then the
+    /// limits checked against that child. QEMU names and lists the node before it opens
+    /// the child (the child is opened by the driver, not by the generic layer).
+    async fn open_blkdebug(
+        &mut self,
+        opts: &BlkdebugOptions,
+        flags: NodeFlags,
+        name: &mut Option<String>,
+    ) -> Result<Opened> {
+        let prepared = blkdebug::prepare(opts)?;
+        self.name_now(name);
+        let position = self.nodes.len();
+        let child = self.open_child(&opts.image, flags.read_only).await?;
+        let role = prepared.child_role();
+        match prepared.open(child.clone()) {
+            Ok(driver) => Ok(Opened {
+                driver: Box::new(driver),
+                children: vec![Child {
+                    name: "image".into(),
+                    node: child,
+                    role,
+                }],
+                flags,
+                position: Some(position),
+            }),
+            Err(err) => {
+                self.forget_orphan(&child).await;
+                Err(err)
             }
         }
     }

@@ -1,5 +1,6 @@
 //! blockd's block layer: the graph of nodes, their permissions and drain gates, and the
-//! drivers that do the I/O (`file`, `raw`, `null-co`, `qcow2`).
+//! drivers that do the I/O (`file`, `raw`, `null-co`, `qcow2`, and the fault-injecting
+//! `blkdebug`).
 //!
 //! It knows nothing of JSON text, QMP or NBD: the daemon hands it typed options
 //! ([`BlockdevOptions`]) and maps its [`Error`]s to QMP errors; exports and jobs do
@@ -19,6 +20,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod debug;
 pub mod drain;
 pub mod driver;
 pub mod error;
@@ -28,6 +30,7 @@ pub mod node;
 pub mod options;
 pub mod perm;
 
+pub use debug::{DebugEvent, IoType};
 pub use driver::create::create_file;
 pub use driver::qcow2::{create as create_qcow2, NodeStorage};
 pub use driver::{
@@ -37,8 +40,9 @@ pub use error::{Error, ErrorKind, Result};
 pub use graph::{Backend, BlockGraph, DumpEdge, DumpNode, DumpNodeType, GraphDump};
 pub use node::{CacheInfo, ImageInfo, Node, NodeFlags, NodeHold, NodeInfo};
 pub use options::{
-    BlockdevOptions, BlockdevRef, CommonOptions, CreateOptions, DetectZeroes, Discard,
-    DriverOptions, FileCreateOptions, FileOptions, NullOptions, PreallocMode, Qcow2CompressionType,
-    Qcow2CreateOptions, Qcow2Options, Qcow2Version, RawOptions,
+    BlkdebugOptions, BlockPermission, BlockdevOptions, BlockdevRef, CommonOptions, CreateOptions,
+    DetectZeroes, Discard, DriverOptions, FileCreateOptions, FileOptions, InjectErrorOptions,
+    NullOptions, PreallocMode, Qcow2CompressionType, Qcow2CreateOptions, Qcow2Options,
+    Qcow2Version, RawOptions, SetStateOptions,
 };
 pub use perm::Perm;

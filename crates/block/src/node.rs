@@ -8,6 +8,7 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::debug::DebugEvent;
 use crate::drain::Gate;
 use crate::driver::{BlockDriver, Extent, FormatSpecific, WriteFlags, ZeroFlags};
 use crate::error::{Error, Result};
@@ -73,6 +74,10 @@ pub struct Node {
     /// Live [`NodeHold`]s: references without an edge (a job's), which keep
     /// `blockdev-del` off the node.
     holds: AtomicUsize,
+    /// Writes (data, zeroes, discards, resizes) started on the node, and that count at
+    /// the last successful flush: a flush raises `flush_to_disk` only when they differ.
+    write_gen: AtomicU64,
+    flushed_gen: AtomicU64,
 }
 
 /// A reference to a node that is no edge of the graph (QEMU's plain reference count, as
@@ -161,6 +166,8 @@ impl Node {
             gate: Gate::new(),
             write_threshold: AtomicU64::new(0),
             holds: AtomicUsize::new(0),
+            write_gen: AtomicU64::new(0),
+            flushed_gen: AtomicU64::new(0),
         }
     }
 
@@ -241,6 +248,23 @@ impl Node {
         self.write_threshold.store(bytes, Ordering::Relaxed);
     }
 
+    /// Raises a debug event on this node (see [`crate::debug`]).
+    pub fn debug_event(&self, event: DebugEvent) {
+        self.driver.debug_event(event);
+    }
+
+    /// The child a flush raises its events on (QEMU's primary child).
+    fn primary_child(&self) -> Option<&Arc<Node>> {
+        self.children
+            .iter()
+            .find(|c| matches!(c.name.as_str(), "file" | "image"))
+            .map(|c| &c.node)
+    }
+
+    fn wrote(&self) {
+        self.write_gen.fetch_add(1, Ordering::SeqCst);
+    }
+
     fn check_range(&self, offset: u64, len: u64) -> Result<()> {
         let size = self.size();
         match offset.checked_add(len) {
@@ -283,6 +307,7 @@ impl Node {
             return self.write_zeroes(offset, buf.len() as u64, zero).await;
         }
         let _in = self.gate.enter().await;
+        self.wrote();
         self.driver.write(offset, buf, flags).await
     }
 
@@ -300,6 +325,7 @@ impl Node {
         }
         self.check_writable()?;
         let _in = self.gate.enter().await;
+        self.wrote();
         self.driver
             .write(offset, buf, WriteFlags::default())
             .await?;
@@ -316,6 +342,7 @@ impl Node {
         self.check_range(offset, len)?;
         flags.may_unmap &= self.flags.discard == Discard::Unmap;
         let _in = self.gate.enter().await;
+        self.wrote();
         self.driver.write_zeroes(offset, len, flags).await
     }
 
@@ -330,16 +357,34 @@ impl Node {
             return Ok(());
         }
         let _in = self.gate.enter().await;
+        self.wrote();
         self.driver.discard(offset, len).await
     }
 
-    /// Flushes; a no-op with `cache.no-flush`.
+    /// Flushes; a no-op with `cache.no-flush` and on read-only nodes. As in QEMU, the
+    /// primary child hears `flush_to_os`, then `flush_to_disk` when the node was written
+    /// since its last flush.
     pub async fn flush(&self) -> Result<()> {
+        if self.flags.read_only {
+            return Ok(());
+        }
+        let generation = self.write_gen.load(Ordering::SeqCst);
+        let primary = self.primary_child();
+        if let Some(child) = primary {
+            child.debug_event(DebugEvent::FlushToOs);
+        }
         if self.flags.no_flush {
             return Ok(());
         }
+        if let Some(child) =
+            primary.filter(|_| self.flushed_gen.load(Ordering::SeqCst) != generation)
+        {
+            child.debug_event(DebugEvent::FlushToDisk);
+        }
         let _in = self.gate.enter().await;
-        self.driver.flush().await
+        self.driver.flush().await?;
+        self.flushed_gen.store(generation, Ordering::SeqCst);
+        Ok(())
     }
 
     /// Status of the run at `offset`, at most `len` bytes (clamped to the node's end).
@@ -361,6 +406,7 @@ impl Node {
         if self.flags.read_only {
             return Err(Error::ImageReadOnly);
         }
+        self.wrote();
         self.driver.truncate(size).await
     }
 
@@ -374,6 +420,14 @@ impl Node {
         self.children
             .iter()
             .find(|c| c.name == "backing")
+            .map(|c| &c.node)
+    }
+
+    /// The child a filter driver passes requests to (blkdebug's `image`).
+    pub fn filtered(&self) -> Option<&Arc<Node>> {
+        self.children
+            .iter()
+            .find(|c| matches!(c.role, ChildRole::Debug { .. }))
             .map(|c| &c.node)
     }
 
@@ -393,13 +447,19 @@ impl Node {
     pub fn info(&self) -> NodeInfo {
         let filename = self.filename();
         let extra = self.driver.info();
-        let backing = self.backing().map(|b| b.info());
+        // QEMU walks the chain through filters too (blkdebug's `image`), but names only a
+        // real backing file in `backing_file`.
+        let real_backing = self.backing().is_some();
+        let backing = self.backing().or_else(|| self.filtered()).map(|b| b.info());
         NodeInfo {
             node_name: self.name.clone(),
             file: filename.clone(),
             ro: self.flags.read_only,
             drv: self.driver.name(),
-            backing_file: backing.as_ref().map(|b| b.file.clone()),
+            backing_file: backing
+                .as_ref()
+                .filter(|_| real_backing)
+                .map(|b| b.file.clone()),
             backing_file_depth: backing.as_ref().map_or(0, |b| b.backing_file_depth + 1),
             active: self.flags.active,
             encrypted: false,

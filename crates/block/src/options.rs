@@ -4,6 +4,9 @@
 
 use serde::Deserialize;
 
+use crate::debug::{DebugEvent, IoType};
+use crate::perm::Perm;
+
 /// `BlockdevOptions`: the common base flattened with the driver's own members.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(rename_all = "kebab-case")]
@@ -75,6 +78,7 @@ impl DetectZeroes {
 #[serde(tag = "driver", rename_all = "kebab-case")]
 #[non_exhaustive]
 pub enum DriverOptions {
+    Blkdebug(Box<BlkdebugOptions>),
     File(FileOptions),
     Raw(RawOptions),
     NullCo(NullOptions),
@@ -85,6 +89,7 @@ impl DriverOptions {
     /// The driver name as QMP spells it.
     pub fn driver_name(&self) -> &'static str {
         match self {
+            DriverOptions::Blkdebug(_) => "blkdebug",
             DriverOptions::File(_) => "file",
             DriverOptions::Raw(_) => "raw",
             DriverOptions::NullCo(_) => "null-co",
@@ -124,6 +129,68 @@ pub struct FileOptions {
     pub aio_max_batch: Option<i64>,
     pub drop_cache: Option<bool>,
     pub x_check_cache_dropped: Option<bool>,
+}
+
+/// `BlockdevOptionsBlkdebug`. The size limits stay signed as QMP gives them: QEMU refuses
+/// negative values when it opens the node, with its own message.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlkdebugOptions {
+    pub image: BlockdevRef,
+    pub config: Option<String>,
+    pub align: Option<i64>,
+    pub max_transfer: Option<i64>,
+    pub opt_write_zero: Option<i64>,
+    pub max_write_zero: Option<i64>,
+    pub opt_discard: Option<i64>,
+    pub max_discard: Option<i64>,
+    pub inject_error: Option<Vec<InjectErrorOptions>>,
+    pub set_state: Option<Vec<SetStateOptions>>,
+    pub take_child_perms: Option<Vec<BlockPermission>>,
+    pub unshare_child_perms: Option<Vec<BlockPermission>>,
+}
+
+/// `BlkdebugInjectErrorOptions`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub struct InjectErrorOptions {
+    pub event: DebugEvent,
+    pub state: Option<i64>,
+    pub iotype: Option<IoType>,
+    pub errno: Option<i64>,
+    pub sector: Option<i64>,
+    pub once: Option<bool>,
+    pub immediately: Option<bool>,
+}
+
+/// `BlkdebugSetStateOptions` (`new_state` is spelled with an underscore in QEMU's schema).
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct SetStateOptions {
+    pub event: DebugEvent,
+    pub state: Option<i64>,
+    pub new_state: i64,
+}
+
+/// `BlockPermission`.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockPermission {
+    ConsistentRead,
+    Write,
+    WriteUnchanged,
+    Resize,
+}
+
+impl BlockPermission {
+    /// The permission bit.
+    pub fn perm(self) -> Perm {
+        match self {
+            BlockPermission::ConsistentRead => Perm::CONSISTENT_READ,
+            BlockPermission::Write => Perm::WRITE,
+            BlockPermission::WriteUnchanged => Perm::WRITE_UNCHANGED,
+            BlockPermission::Resize => Perm::RESIZE,
+        }
+    }
 }
 
 /// `BlockdevOptionsRaw`.

@@ -128,6 +128,9 @@ pub enum ChildRole {
     /// A `backing` child: read when the parent's users need consistent reads; others
     /// may change it only when the parent's users allow writes.
     Cow,
+    /// blkdebug's `image` child: as filtered, plus the permissions `take-child-perms`
+    /// adds and minus those `unshare-child-perms` stops sharing.
+    Debug { take: Perm, unshare: Perm },
 }
 
 impl ChildRole {
@@ -143,6 +146,7 @@ impl ChildRole {
                 Perm::WRITE,
                 Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED,
             ),
+            ChildRole::Debug { take, unshare } => (perm | take, shared & !unshare),
             ChildRole::Data => (perm, shared & !Perm::RESIZE),
             ChildRole::Metadata { writable } => {
                 let mut child = Perm::CONSISTENT_READ | (perm & Perm::WRITE_UNCHANGED);

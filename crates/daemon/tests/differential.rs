@@ -40,6 +40,7 @@ macro_rules! scenarios {
 scenarios!(
     backup,
     backup_quit,
+    blkdebug,
     blockdev,
     blockdev_create,
     cmdline_blockdev,

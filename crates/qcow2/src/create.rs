@@ -206,13 +206,17 @@ pub async fn create(
         write_entry(&mut refblock, header.refcount_order, c, 1);
     }
     file.set_len(0).await.ctx("cannot truncate the image")?;
-    let mut first = cluster0;
-    first.extend_from_slice(&reftable);
-    first.resize(2 * cs, 0);
-    first.extend_from_slice(&refblock);
-    file.write_at(0, &first)
+    // Two writes as QEMU makes them (the header cluster, then the refcount table and its
+    // first block), failing with QEMU's texts: fault-injection tests match on them.
+    file.write_at(0, &cluster0)
         .await
-        .ctx("cannot write the image")?;
+        .ctx("Could not write qcow2 header")?;
+    let mut tables = reftable.to_vec();
+    tables.resize(cs, 0);
+    tables.extend_from_slice(&refblock);
+    file.write_at(opts.cluster_size, &tables)
+        .await
+        .ctx("Could not write refcount table")?;
     file.flush().await.ctx("cannot flush the image")?;
     if let Some(d) = &data {
         d.set_len(opts.size)

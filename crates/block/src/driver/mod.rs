@@ -5,10 +5,12 @@
 use async_trait::async_trait;
 use std::fmt;
 
+use crate::debug::DebugEvent;
 use crate::error::{Error, Result};
 use crate::filename::Filename;
 use crate::perm::Perm;
 
+pub mod blkdebug;
 pub mod cbw;
 pub mod create;
 pub mod file;
@@ -141,6 +143,9 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     }
     /// Records the node's new cumulative permissions (after `check_perm` passed).
     fn set_perm(&self, _perm: Perm, _shared: Perm) {}
+    /// A debug event raised on this node (by the node itself, a parent or the block
+    /// layer); only `blkdebug` acts on it.
+    fn debug_event(&self, _event: DebugEvent) {}
     /// Whether the driver implements `x-blockdev-amend`.
     fn can_amend(&self) -> bool {
         false

@@ -16,6 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use super::{BlockDriver, DriverInfo, Extent, FormatSpecific, Qcow2Info, WriteFlags, ZeroFlags};
+use crate::debug::DebugEvent;
 use crate::error::{Errno, Error, Result};
 use crate::filename::Filename;
 use crate::node::Node;
@@ -315,10 +316,16 @@ impl BlockDriver for Qcow2Driver {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        // Debug events go to the `file` child at request granularity (QEMU raises them
+        // per cluster run, just before the data I/O).
+        self.file.debug_event(DebugEvent::ReadAio);
         let holes = self.image.read(offset, buf).await.map_err(format_error)?;
         let Some(backing) = &self.backing else {
             return Ok(());
         };
+        if !holes.is_empty() {
+            self.file.debug_event(DebugEvent::ReadBackingAio);
+        }
         for hole in holes {
             let (Ok(start), Ok(end)) = (
                 usize::try_from(hole.start.saturating_sub(offset)),
@@ -334,6 +341,7 @@ impl BlockDriver for Qcow2Driver {
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.file.debug_event(DebugEvent::WriteAio);
         let reader = self.backing_reader();
         let backing = reader.as_ref().map(|r| r as &dyn qcow2::Backing);
         self.image

@@ -1,11 +1,13 @@
 //! `raw`: the format driver that shows its `file` child unchanged, or a window of it
-//! (`offset`, `size`).
+//! (`offset`, `size`). It raises `read_aio` / `write_aio` on the child for every read and
+//! write, as QEMU does.
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 
 use super::{BlockDriver, DriverInfo, Extent, WriteFlags, ZeroFlags};
+use crate::debug::DebugEvent;
 use crate::error::{Error, Result};
 use crate::filename::Filename;
 use crate::node::Node;
@@ -80,10 +82,12 @@ impl BlockDriver for RawDriver {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.child.debug_event(DebugEvent::ReadAio);
         self.child.read(self.offset + offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
+        self.child.debug_event(DebugEvent::WriteAio);
         self.child.write(self.offset + offset, buf, flags).await
     }
 

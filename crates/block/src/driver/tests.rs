@@ -45,6 +45,16 @@ fn raw_window(path: &str) -> serde_json::Value {
            "discard": "unmap",
            "file": {"driver": "file", "filename": path, "discard": "unmap"}})
 }
+fn blkdebug(path: &str) -> serde_json::Value {
+    json!({"driver": "blkdebug", "node-name": "n", "discard": "unmap",
+           "image": {"driver": "file", "filename": path, "discard": "unmap"}})
+}
+fn blkdebug_limits(path: &str) -> serde_json::Value {
+    json!({"driver": "blkdebug", "node-name": "n", "discard": "unmap", "align": 4096,
+           "max-transfer": 8192, "opt-write-zero": 8192, "max-write-zero": 16384,
+           "opt-discard": 8192, "max-discard": 16384,
+           "image": {"driver": "file", "filename": path, "discard": "unmap"}})
+}
 fn null(_: &str) -> serde_json::Value {
     json!({"driver": "null-co", "node-name": "n", "size": SIZE, "read-zeroes": true})
 }
@@ -140,4 +150,6 @@ suite! {
     raw_passthrough: raw, true;
     raw_with_window: raw_window, true;
     null_co: null, false;
+    blkdebug_passthrough: blkdebug, true;
+    blkdebug_with_limits: blkdebug_limits, true;
 }
