@@ -92,6 +92,15 @@ fn read(path: &str) -> Result<Vec<u8>, Error> {
 impl X509Creds {
     /// Loads and checks the credentials, as QEMU does when the object is created.
     pub fn load(opts: &X509Options) -> Result<X509Creds, Error> {
+        Self::load_with(opts, || Ok(opts.password.clone()))
+    }
+
+    /// [`load`](Self::load), asking `password` for the key's passphrase only
+    /// when a key is about to be read, as QEMU looks its `passwordid` up then.
+    pub fn load_with(
+        opts: &X509Options,
+        password: impl FnOnce() -> Result<Option<String>, Error>,
+    ) -> Result<X509Creds, Error> {
         let dir = opts.dir.as_deref().ok_or(Error::MissingDir)?;
         let server = opts.endpoint == Endpoint::Server;
         let cacert = path(dir, "ca-cert.pem", true)?.ok_or(Error::MissingDir)?;
@@ -117,7 +126,7 @@ impl X509Creds {
         }
         let (cert, key) = match (cert, key) {
             (Some(cert), Some(key)) => {
-                let pair = load_pair(&cert, &key, opts.password.as_deref())?;
+                let pair = load_pair(&cert, &key, password()?.as_deref())?;
                 (Some(pair.0), Some(pair.1))
             }
             _ => (None, None),
