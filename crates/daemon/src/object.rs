@@ -213,7 +213,6 @@ impl Objects {
     }
 
     /// The TLS credentials named by `tls-creds` (for `nbd-server-start`).
-    #[allow(dead_code)] // called by nbd-server-start, which the NBD branch adds
     pub fn tls_creds(&self, id: &str) -> Result<Arc<TlsCreds>, String> {
         match self.by_id.get(id) {
             Some(Object::TlsCreds(creds)) => Ok(creds.clone()),
@@ -223,7 +222,7 @@ impl Objects {
     }
 
     /// The authorization object named by `tls-authz`.
-    #[allow(dead_code)] // called by nbd-server-start, which the NBD branch adds
+    #[allow(dead_code)] // called by nbd-server-start once it serves TLS (`tls-authz`)
     pub fn authz(&self, id: &str) -> Result<Arc<dyn Authorizer>, String> {
         match self.by_id.get(id) {
             Some(Object::Authz(authz)) => Ok(authz.clone()),
