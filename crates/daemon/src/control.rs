@@ -1,4 +1,5 @@
-//! The control task: the single owner of the block graph and the job table.
+//! The control task: the single owner of the block graph, the job table and
+//! the user-creatable objects.
 //!
 //! Every QMP command, every job notice and every shutdown request runs here,
 //! one at a time. Monitor sessions reach it through [`ControlHandle`], which
@@ -22,6 +23,8 @@ pub struct State {
     pub exports: crate::exports::Exports,
     /// Where events go (the jobs' own sink emits there too).
     pub events: EventBus,
+    /// User-creatable objects (`--object`, `object-add`) by id.
+    pub objects: crate::object::Objects,
     /// Set by `quit`: the loop ends once the reply is on its way.
     pub quit: bool,
 }
@@ -82,6 +85,7 @@ impl State {
             jobs,
             exports: crate::exports::Exports::default(),
             events,
+            objects: crate::object::Objects::default(),
             quit: false,
         };
         (state, notices)

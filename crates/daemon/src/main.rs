@@ -11,6 +11,7 @@ mod commands;
 mod control;
 mod daemonize;
 mod exports;
+mod object;
 mod pidfile;
 mod startup;
 

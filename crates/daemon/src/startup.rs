@@ -58,13 +58,10 @@ pub async fn run(cli: Cli, readiness: Option<Readiness>) -> ExitCode {
                     ExitCode::from(1)
                 };
             }
-            ItemKind::ObjectHelp { qom_type: None } => {
-                println!("List of user creatable objects:");
+            ItemKind::ObjectHelp { qom_type } => {
+                print!("{}", crate::object::help(qom_type.as_deref()));
                 return ExitCode::SUCCESS;
             }
-            ItemKind::ObjectHelp { qom_type: Some(ty) } => Err(format!(
-                "Invalid object type '{ty}': blockd has no objects of this type yet"
-            )),
             ItemKind::Trace => Ok(()),
             ItemKind::Invalid(err) => {
                 eprintln!("blockd: {err}");
@@ -87,7 +84,7 @@ pub async fn run(cli: Cli, readiness: Option<Readiness>) -> ExitCode {
                 None => Err(crate::cli::chardev_not_found(&spec.chardev)),
             },
             ItemKind::Blockdev(value) => blockdev(&mut state, value).await,
-            ItemKind::Object(value) => Err(object_refusal(value)),
+            ItemKind::Object(value) => object(&mut state, value),
             ItemKind::NbdServer(value) => nbd_server(&mut state, value).await,
             ItemKind::Export(value) => export(&mut state, value),
         };
@@ -184,15 +181,13 @@ fn export(state: &mut State, value: &OptValue) -> Result<(), String> {
     crate::commands::nbd::add_export(state, args)
 }
 
-/// `--object`: no user-creatable object type exists yet.
-fn object_refusal(value: &OptValue) -> String {
-    let v = match value {
-        OptValue::Keyval(v) | OptValue::Json(v) => v,
-    };
-    match v.get("qom-type").and_then(serde_json::Value::as_str) {
-        Some(ty) => format!("Invalid object type '{ty}': blockd has no objects of this type yet"),
-        None => "Parameter 'qom-type' is missing".to_string(),
-    }
+/// `--object`: exactly `object-add`, with QEMU's hint under a bad id.
+fn object(state: &mut State, value: &OptValue) -> Result<(), String> {
+    let canonical = canonical("ObjectOptions", value)?;
+    state.objects.add(&canonical).map_err(|err| match err.hint {
+        Some(hint) => format!("{}\n{hint}", err.message),
+        None => err.message,
+    })
 }
 
 /// Serves a monitor's clients one after another, as QEMU's socket chardev does.

@@ -564,6 +564,45 @@ const BAD_COMMAND_LINES: &[&[&str]] = &[
         "--blockdev",
         "nosuch",
     ],
+    &["--object", "nosuch,id=x"],
+    &["--object", "id=x"],
+    &["--object", "secret,data=x"],
+    &["--object", "secret,id=1bad,data=x"],
+    &["--object", r#"{"qom-type":"secret","id":"a b","data":"x"}"#],
+    &[
+        "--object",
+        "secret,id=s0,data=x",
+        "--object",
+        "secret,id=s0,data=y",
+    ],
+    &["--object", "secret,id=s0"],
+    &["--object", "secret,id=s0,data=x,file=disk.img"],
+    &["--object", "secret,id=s0,file=nosuch"],
+    &["--object", "secret,id=s0,data=!!,format=base64"],
+    &["--object", "secret,id=s0,data=x,format=b64"],
+    &["--object", "secret,id=s0,data=x,keyid=nosuch"],
+    &["--object", "secret,id=s0,data=x,keyid=s0"],
+    &["--object", "tls-creds-x509,id=t0"],
+    &["--object", "tls-creds-x509,id=t0,dir=nosuch"],
+    &["--object", "tls-creds-x509,id=t0,dir=.,endpoint=server"],
+    &["--object", "tls-creds-x509,id=t0,dir=.,endpoint=bogus"],
+    &["--object", "tls-creds-x509,id=t0,dir=.,verify-peer=maybe"],
+    &["--object", "tls-creds-x509,id=t0,dir=.,bogus=1"],
+    &[
+        "--object",
+        r#"{"qom-type":"tls-creds-x509","id":"t0","dir":".","verify-peer":"yes"}"#,
+    ],
+    &["--object", "tls-creds-psk,id=p0,endpoint=server"],
+    &["--object", "tls-creds-psk,id=p0,dir=.,endpoint=server"],
+    &[
+        "--object",
+        "tls-creds-psk,id=p0,dir=.,endpoint=server,username=u",
+    ],
+    &["--object", "authz-simple,id=a0"],
+    &["--object", "authz-list,id=a0,rules.0.match=x"],
+    &["--object", "authz-list,id=a0,policy=maybe"],
+    &["--object", "authz-listfile,id=a0"],
+    &["--object", "authz-listfile,id=a0,filename=nosuch"],
 ];
 
 /// Replaces QSD's program-name prefix by blockd's: `qemu-storage-daemon: `
@@ -637,13 +676,45 @@ fn pidfile_locked_by_a_running_qsd_fails_like_qsd() {
 }
 
 #[test]
-fn object_option_is_refused_with_a_clear_message() {
+fn object_of_a_type_blockd_lacks_is_refused_by_the_schema() {
     let (code, err) = run_in_fresh_dir(&blockd(), &["--object", "iothread,id=t0"]);
     assert_eq!(code, Some(1), "{err}");
     assert_eq!(
         err,
-        "blockd: --object iothread,id=t0: Invalid object type 'iothread': blockd has no objects of this type yet\n"
+        "blockd: --object iothread,id=t0: Parameter 'qom-type' does not accept value 'iothread'\n"
     );
+}
+
+#[test]
+fn object_help_lists_the_types_blockd_creates() {
+    let dir = tempdir();
+    let out = run_to_exit(&blockd(), &["--object", "help"], dir.path(), &[], LIMIT).unwrap();
+    assert_eq!(out.code(), Some(0));
+    assert_eq!(
+        out.stdout,
+        "List of user creatable objects:\n  authz-list\n  authz-simple\n  secret\n  tls-creds-psk\n  tls-creds-x509\n"
+    );
+}
+
+#[test]
+fn object_type_help_prints_what_qsd_prints() {
+    for ty in [
+        "tls-creds-x509",
+        "tls-creds-psk",
+        "secret",
+        "authz-simple",
+        "authz-list",
+    ] {
+        let dir = tempdir();
+        let arg = format!("{ty},help");
+        let ours = run_to_exit(&blockd(), &["--object", &arg], dir.path(), &[], LIMIT).unwrap();
+        let qsd = run_to_exit(&qsd_path(), &["--object", &arg], dir.path(), &[], LIMIT).unwrap();
+        assert_eq!(
+            (ours.code(), &ours.stdout),
+            (qsd.code(), &qsd.stdout),
+            "{ty}"
+        );
+    }
 }
 
 /// `--nbd-server` and `--export` start serving before the monitor is up: a real client

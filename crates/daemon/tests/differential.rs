@@ -50,6 +50,7 @@ scenarios!(
     nbd_exports,
     negotiation,
     negotiation_without_oob,
+    object,
     qcow2_amend,
     qcow2_blockdev,
     qcow2_create,

@@ -16,6 +16,7 @@ const SOURCES: &[(&str, &str)] = &[
     ("control.json", include_str!("../schema/control.json")),
     ("block.json", include_str!("../schema/block.json")),
     ("job.json", include_str!("../schema/job.json")),
+    ("object.json", include_str!("../schema/object.json")),
 ];
 
 /// A named member of a struct, union base or command argument list.

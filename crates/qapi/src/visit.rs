@@ -50,7 +50,8 @@ struct Visitor<'s> {
 }
 
 impl Visitor<'_> {
-    /// The dotted name QEMU prints: `a.b`, `actions[0].data.name`.
+    /// The dotted name QEMU prints: `a.b`, `actions[0].data.name` (`actions.0.data.name`
+    /// from keyval input).
     fn full_name(&self, name: Option<&str>) -> String {
         let mut out = String::new();
         for seg in &self.path {
@@ -61,6 +62,13 @@ impl Visitor<'_> {
                         out.push('.');
                     }
                     out.push_str(n);
+                }
+                // The keyval visitor names list elements as keyval spells them.
+                Seg::Index(i) if self.keyval => {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(&i.to_string());
                 }
                 Seg::Index(i) => out.push_str(&format!("[{i}]")),
             }

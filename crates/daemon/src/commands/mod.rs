@@ -10,6 +10,7 @@ mod blockdev;
 mod control;
 mod job;
 pub mod nbd;
+mod object;
 
 use crate::control::State;
 use qapi::QmpError;
@@ -67,6 +68,8 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("block-job-finalize", job::block_job_finalize),
     ("block-job-dismiss", job::block_job_dismiss),
     ("block-job-change", job::block_job_change),
+    ("object-add", object::object_add),
+    ("object-del", object::object_del),
 ];
 
 /// Runs one command on the control task.

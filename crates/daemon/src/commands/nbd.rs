@@ -88,7 +88,12 @@ pub async fn start_server(
         return Err("NBD server already running".into());
     }
     if let Some(id) = tls_creds {
-        return Err(format!("No TLS credentials with id '{id}'"));
+        // The credentials exist once `--object`/`object-add` made them; serving
+        // TLS is the NBD server's part (`tls::TlsCreds::acceptor`, `check_peer`).
+        state.objects.tls_creds(id)?;
+        return Err(format!(
+            "TLS credentials '{id}' exist, but blockd's NBD server does not serve TLS yet"
+        ));
     }
     let server = exports::start(listen, max_connections.unwrap_or(100)).await?;
     state.exports.nbd = Some(server);
