@@ -63,8 +63,12 @@ fn bind_error(what: &str, err: &io::Error) -> String {
 }
 
 /// Starts listening and accepting; `max_connections` 0 is unlimited.
-pub async fn start(listen: &Listen, max_connections: u32) -> Result<NbdServer, String> {
-    let server = nbd::Server::new(max_connections != 1);
+pub async fn start(
+    listen: &Listen,
+    max_connections: u32,
+    tls: Option<nbd::Tls>,
+) -> Result<NbdServer, String> {
+    let server = nbd::Server::with_tls(max_connections != 1, tls);
     let limit = Arc::new(Semaphore::new(if max_connections == 0 {
         Semaphore::MAX_PERMITS
     } else {

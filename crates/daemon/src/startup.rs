@@ -167,11 +167,12 @@ async fn nbd_server(state: &mut State, value: &OptValue) -> Result<(), String> {
     let opts = canonical("NbdServerOptions", value)?;
     let listen = crate::commands::nbd::listen_addr(&opts["addr"], false)?;
     let tls = opts.get("tls-creds").and_then(serde_json::Value::as_str);
+    let authz = opts.get("tls-authz").and_then(serde_json::Value::as_str);
     let max = opts
         .get("max-connections")
         .and_then(serde_json::Value::as_u64)
         .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
-    crate::commands::nbd::start_server(state, &listen, tls, max).await
+    crate::commands::nbd::start_server(state, &listen, tls, authz, max).await
 }
 
 /// `--export`: exactly `block-export-add`.

@@ -96,22 +96,24 @@ impl<'a> Payload<'a> {
     }
 }
 
-/// Runs the handshake. `Ok(None)`: the client went away or aborted.
-pub(crate) async fn negotiate<R, W>(
-    server: &Server,
-    rd: &mut R,
-    wr: &mut W,
-) -> io::Result<Option<Session>>
+/// The client's handshake flags.
+#[derive(Clone, Copy)]
+pub(crate) struct ClientFlags {
+    fixed: bool,
+    no_zeroes: bool,
+}
+
+/// Sends the greeting and reads the client flags. `Ok(None)`: the client went away.
+pub(crate) async fn greet<S>(io: &mut S) -> io::Result<Option<ClientFlags>>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut greeting = Vec::with_capacity(18);
     greeting.extend_from_slice(&NBDMAGIC.to_be_bytes());
     greeting.extend_from_slice(&IHAVEOPT.to_be_bytes());
     greeting.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
-    wr.write_all(&greeting).await?;
-    let client_flags = match rd.read_u32().await {
+    io.write_all(&greeting).await?;
+    let client_flags = match io.read_u32().await {
         Ok(f) => f,
         // A probe that connects and goes away.
         Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
@@ -123,27 +125,82 @@ where
             format!("unknown client flags {client_flags:#x}"),
         ));
     }
-    let fixed = client_flags & FLAG_C_FIXED_NEWSTYLE != 0;
-    let no_zeroes = client_flags & FLAG_C_NO_ZEROES != 0;
+    Ok(Some(ClientFlags {
+        fixed: client_flags & FLAG_C_FIXED_NEWSTYLE != 0,
+        no_zeroes: client_flags & FLAG_C_NO_ZEROES != 0,
+    }))
+}
+
+/// Reads one option: (option, payload).
+async fn read_option<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(u32, Vec<u8>)> {
+    let magic = io.read_u64().await?;
+    if magic != IHAVEOPT {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "bad option magic",
+        ));
+    }
+    let opt = io.read_u32().await?;
+    let len = io.read_u32().await?;
+    if len > MAX_OPTION_LEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("option length {len} too large"),
+        ));
+    }
+    let mut data = vec![0u8; len as usize];
+    io.read_exact(&mut data).await?;
+    Ok((opt, data))
+}
+
+/// With TLS required: refuses every option but STARTTLS, as QEMU does. `Ok(true)` once
+/// STARTTLS was acknowledged (the TLS handshake comes next), `Ok(false)` when the client
+/// must be dropped or gave up.
+pub(crate) async fn until_starttls<S>(io: &mut S, flags: ClientFlags) -> io::Result<bool>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    if !flags.fixed {
+        return Ok(false);
+    }
+    loop {
+        let (opt, data) = read_option(io).await?;
+        match opt {
+            OPT_STARTTLS if data.is_empty() => {
+                reply(io, opt, REP_ACK, &[]).await?;
+                return Ok(true);
+            }
+            OPT_STARTTLS => {
+                error(io, opt, REP_ERR_INVALID, "STARTTLS must not have a payload").await?;
+            }
+            // It cannot carry an error.
+            OPT_EXPORT_NAME => return Ok(false),
+            _ => {
+                let text = format!("Option 0x{opt:x} not permitted before TLS");
+                error(io, opt, REP_ERR_TLS_REQD, &text).await?;
+                if opt == OPT_ABORT {
+                    return Ok(false);
+                }
+            }
+        }
+    }
+}
+
+/// Runs the option phase. `Ok(None)`: the client went away or aborted. `tls`: the
+/// connection is already encrypted (a second STARTTLS is invalid).
+pub(crate) async fn negotiate<S>(
+    server: &Server,
+    io: &mut S,
+    flags: ClientFlags,
+    tls: bool,
+) -> io::Result<Option<Session>>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (fixed, no_zeroes) = (flags.fixed, flags.no_zeroes);
     let mut neg = Negotiation::default();
     loop {
-        let magic = rd.read_u64().await?;
-        if magic != IHAVEOPT {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "bad option magic",
-            ));
-        }
-        let opt = rd.read_u32().await?;
-        let len = rd.read_u32().await?;
-        if len > MAX_OPTION_LEN {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("option length {len} too large"),
-            ));
-        }
-        let mut data = vec![0u8; len as usize];
-        rd.read_exact(&mut data).await?;
+        let (opt, data) = read_option(io).await?;
         if !fixed && opt != OPT_EXPORT_NAME {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -174,7 +231,7 @@ where
                 if !no_zeroes {
                     msg.extend_from_slice(&[0u8; 124]);
                 }
-                wr.write_all(&msg).await?;
+                io.write_all(&msg).await?;
                 let contexts = selected_for(&neg, &name);
                 return Ok(Some(Session {
                     export,
@@ -185,12 +242,12 @@ where
                 }));
             }
             OPT_ABORT => {
-                reply(wr, opt, REP_ACK, &[]).await?;
+                reply(io, opt, REP_ACK, &[]).await?;
                 return Ok(None);
             }
             OPT_LIST => {
                 if !data.is_empty() {
-                    error(wr, opt, REP_ERR_INVALID, "LIST must not have a payload").await?;
+                    error(io, opt, REP_ERR_INVALID, "LIST must not have a payload").await?;
                     continue;
                 }
                 for export in server.exports() {
@@ -200,26 +257,28 @@ where
                     if let Some(d) = &export.description {
                         body.extend_from_slice(d.as_bytes());
                     }
-                    reply(wr, opt, REP_SERVER, &body).await?;
+                    reply(io, opt, REP_SERVER, &body).await?;
                 }
-                reply(wr, opt, REP_ACK, &[]).await?;
+                reply(io, opt, REP_ACK, &[]).await?;
             }
             OPT_STARTTLS => {
                 if !data.is_empty() {
-                    error(wr, opt, REP_ERR_INVALID, "STARTTLS must not have a payload").await?;
+                    error(io, opt, REP_ERR_INVALID, "STARTTLS must not have a payload").await?;
+                } else if tls {
+                    error(io, opt, REP_ERR_INVALID, "TLS already enabled").await?;
                 } else {
-                    error(wr, opt, REP_ERR_POLICY, "TLS not configured").await?;
+                    error(io, opt, REP_ERR_POLICY, "TLS not configured").await?;
                 }
             }
             OPT_INFO | OPT_GO => {
-                if let Some(session) = info_or_go(server, &neg, wr, opt, &data).await? {
+                if let Some(session) = info_or_go(server, &neg, io, opt, &data).await? {
                     return Ok(Some(session));
                 }
             }
             OPT_STRUCTURED_REPLY => {
                 if !data.is_empty() {
                     error(
-                        wr,
+                        io,
                         opt,
                         REP_ERR_INVALID,
                         "STRUCTURED_REPLY must not have a payload",
@@ -227,10 +286,10 @@ where
                     .await?;
                 } else if neg.extended {
                     let text = "extended headers already negotiated";
-                    error(wr, opt, REP_ERR_EXT_HEADER_REQD, text).await?;
+                    error(io, opt, REP_ERR_EXT_HEADER_REQD, text).await?;
                 } else if neg.structured {
                     error(
-                        wr,
+                        io,
                         opt,
                         REP_ERR_INVALID,
                         "structured reply already negotiated",
@@ -238,28 +297,28 @@ where
                     .await?;
                 } else {
                     neg.structured = true;
-                    reply(wr, opt, REP_ACK, &[]).await?;
+                    reply(io, opt, REP_ACK, &[]).await?;
                 }
             }
             OPT_EXTENDED_HEADERS => {
                 if !data.is_empty() {
                     let text = "EXTENDED_HEADERS must not have a payload";
-                    error(wr, opt, REP_ERR_INVALID, text).await?;
+                    error(io, opt, REP_ERR_INVALID, text).await?;
                 } else if neg.extended {
                     let text = "extended headers already negotiated";
-                    error(wr, opt, REP_ERR_INVALID, text).await?;
+                    error(io, opt, REP_ERR_INVALID, text).await?;
                 } else {
                     neg.extended = true;
                     neg.structured = true;
-                    reply(wr, opt, REP_ACK, &[]).await?;
+                    reply(io, opt, REP_ACK, &[]).await?;
                 }
             }
             OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-                meta_context(server, &mut neg, wr, opt, &data).await?;
+                meta_context(server, &mut neg, io, opt, &data).await?;
             }
             _ => {
                 let text = format!("Unsupported option {opt} ({})", opt_name(opt));
-                error(wr, opt, REP_ERR_UNSUP, &text).await?;
+                error(io, opt, REP_ERR_UNSUP, &text).await?;
             }
         }
     }

@@ -19,6 +19,7 @@ mod transmission;
 
 use std::collections::HashMap;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -82,6 +83,16 @@ pub struct Export {
     pub backend: Arc<dyn Backend>,
 }
 
+/// Checks the peer once the TLS handshake is done (its certificate's name against an
+/// authorization list, say); an `Err` drops the client with that message.
+pub type PeerCheck = Arc<dyn Fn(&openssl::ssl::SslRef) -> Result<(), String> + Send + Sync>;
+
+/// TLS for a server: every client must upgrade with STARTTLS before anything else.
+pub struct Tls {
+    pub acceptor: openssl::ssl::SslAcceptor,
+    pub check: PeerCheck,
+}
+
 /// Why an export could not be added or removed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExportError {
@@ -105,6 +116,7 @@ pub struct Server {
     next_conn: AtomicU64,
     /// Advertise multi-conn (QEMU does unless `max-connections` is 1).
     multi_conn: bool,
+    tls: Option<Tls>,
     stopped: CancellationToken,
 }
 
@@ -116,11 +128,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Server {
     /// A server without exports; `multi_conn` says whether exports advertise multi-conn.
     pub fn new(multi_conn: bool) -> Arc<Self> {
+        Self::with_tls(multi_conn, None)
+    }
+
+    /// A server that requires TLS when `tls` is given (QEMU's behaviour with `tls-creds`).
+    pub fn with_tls(multi_conn: bool, tls: Option<Tls>) -> Arc<Self> {
         Arc::new(Self {
             exports: Mutex::new(IndexMap::new()),
             conns: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
             multi_conn,
+            tls,
             stopped: CancellationToken::new(),
         })
     }
@@ -206,12 +224,44 @@ impl Server {
         result
     }
 
-    async fn serve_inner<S>(self: Arc<Self>, stream: S, id: u64) -> io::Result<()>
+    async fn serve_inner<S>(self: Arc<Self>, mut stream: S, id: u64) -> io::Result<()>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (mut rd, mut wr) = tokio::io::split(stream);
-        let Some(session) = handshake::negotiate(&self, &mut rd, &mut wr).await? else {
+        let Some(flags) = handshake::greet(&mut stream).await? else {
+            return Ok(());
+        };
+        let Some(tls) = &self.tls else {
+            return self
+                .options_then_transmission(stream, id, flags, false)
+                .await;
+        };
+        if !handshake::until_starttls(&mut stream, flags).await? {
+            return Ok(());
+        }
+        let ssl = openssl::ssl::Ssl::new(tls.acceptor.context()).map_err(io::Error::other)?;
+        let mut secure = tokio_openssl::SslStream::new(ssl, stream).map_err(io::Error::other)?;
+        Pin::new(&mut secure)
+            .accept()
+            .await
+            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()))?;
+        (tls.check)(secure.ssl())
+            .map_err(|e| io::Error::new(io::ErrorKind::PermissionDenied, e))?;
+        self.options_then_transmission(secure, id, flags, true)
+            .await
+    }
+
+    async fn options_then_transmission<S>(
+        self: Arc<Self>,
+        mut stream: S,
+        id: u64,
+        flags: handshake::ClientFlags,
+        tls: bool,
+    ) -> io::Result<()>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let Some(session) = handshake::negotiate(&self, &mut stream, flags, tls).await? else {
             return Ok(());
         };
         if let Some(conn) = lock(&self.conns).get_mut(&id) {
@@ -221,6 +271,7 @@ impl Server {
         if self.export(&session.export.name).is_none() {
             return Ok(());
         }
+        let (rd, wr) = tokio::io::split(stream);
         transmission::run(session, rd, wr).await
     }
 }

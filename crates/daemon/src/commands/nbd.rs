@@ -20,6 +20,7 @@ use crate::exports::{self, ExportRecord, Listen, NodeBackend};
 struct ServerArgs {
     addr: Value,
     tls_creds: Option<String>,
+    tls_authz: Option<String>,
     max_connections: Option<u32>,
 }
 
@@ -82,31 +83,52 @@ pub async fn start_server(
     state: &mut State,
     listen: &Listen,
     tls_creds: Option<&str>,
+    tls_authz: Option<&str>,
     max_connections: Option<u32>,
 ) -> Result<(), String> {
     if state.exports.nbd.is_some() {
         return Err("NBD server already running".into());
     }
-    if let Some(id) = tls_creds {
-        // The credentials exist once `--object`/`object-add` made them; serving
-        // TLS is the NBD server's part (`tls::TlsCreds::acceptor`, `check_peer`).
-        state.objects.tls_creds(id)?;
-        return Err(format!(
-            "TLS credentials '{id}' exist, but blockd's NBD server does not serve TLS yet"
-        ));
-    }
-    let server = exports::start(listen, max_connections.unwrap_or(100)).await?;
+    let tls = match tls_creds {
+        Some(id) => Some(server_tls(state, id, tls_authz)?),
+        None => None,
+    };
+    let server = exports::start(listen, max_connections.unwrap_or(100), tls).await?;
     state.exports.nbd = Some(server);
     Ok(())
+}
+
+/// The NBD server's TLS from credentials object `id` (a server endpoint) and, for x509
+/// client certificates, authorization object `authz`.
+fn server_tls(state: &State, id: &str, authz: Option<&str>) -> Result<nbd::Tls, String> {
+    let creds = state.objects.tls_creds(id)?;
+    if creds.endpoint() != tls::Endpoint::Server {
+        return Err("Expecting TLS credentials with a server endpoint".into());
+    }
+    let authz = authz.map(|a| state.objects.authz(a)).transpose()?;
+    let acceptor = creds.acceptor().map_err(|e| e.to_string())?;
+    let check: nbd::PeerCheck = Arc::new(move |ssl| {
+        creds
+            .check_peer(ssl, authz.as_deref())
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    });
+    Ok(nbd::Tls { acceptor, check })
 }
 
 pub fn nbd_server_start(state: &mut State, a: Value) -> Reply<'_> {
     Box::pin(async move {
         let a: ServerArgs = args(a)?;
         let listen = listen_addr(&a.addr, true).map_err(QmpError::generic)?;
-        start_server(state, &listen, a.tls_creds.as_deref(), a.max_connections)
-            .await
-            .map_err(QmpError::generic)?;
+        start_server(
+            state,
+            &listen,
+            a.tls_creds.as_deref(),
+            a.tls_authz.as_deref(),
+            a.max_connections,
+        )
+        .await
+        .map_err(QmpError::generic)?;
         Ok(empty())
     })
 }
