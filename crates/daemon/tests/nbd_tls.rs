@@ -33,27 +33,31 @@ fn p(dir: &Path, name: &str) -> String {
 }
 
 /// blockd serving `disk.img` as export `disk` with credentials object `tls0` made from
-/// `object`.
-fn serve(dir: &Path, object: &str) -> Daemon {
+/// `object` and, if given, authorization object `auth0` made from `authz`.
+fn serve(dir: &Path, object: &str, authz: Option<&str>) -> Daemon {
     let img = p(dir, "disk.img");
     ok(run(
         "qemu-img",
         "qemu-utils",
         &["create", "-q", "-f", "raw", &img, "4M"],
     ));
-    let args = [
-        "--object".to_string(),
-        object.to_string(),
+    let mut args = vec!["--object".to_string(), object.to_string()];
+    let mut server = format!(
+        "addr.type=unix,addr.path={},tls-creds=tls0",
+        p(dir, "nbd.sock")
+    );
+    if let Some(a) = authz {
+        args.extend(["--object".to_string(), a.to_string()]);
+        server.push_str(",tls-authz=auth0");
+    }
+    args.extend([
         "--blockdev".to_string(),
         format!("driver=file,node-name=f,filename={img}"),
         "--nbd-server".to_string(),
-        format!(
-            "addr.type=unix,addr.path={},tls-creds=tls0",
-            p(dir, "nbd.sock")
-        ),
+        server,
         "--export".to_string(),
         "type=nbd,id=e,node-name=f,name=disk,writable=on".to_string(),
-    ];
+    ]);
     Daemon::start_in(&blockd(), dir, &args).expect("blockd starts")
 }
 
@@ -102,6 +106,7 @@ fn psk_client_is_served_and_plain_or_wrong_key_clients_are_refused() {
     let _d = serve(
         dir.path(),
         &format!("tls-creds-psk,id=tls0,endpoint=server,dir={server}"),
+        None,
     );
     let good = write_psk(dir.path(), "client", key);
     ok(qemu_io(
@@ -221,6 +226,7 @@ fn x509_client_is_served_and_a_plain_client_is_refused() {
     let _d = serve(
         dir.path(),
         &format!("tls-creds-x509,id=tls0,endpoint=server,dir={server},verify-peer=on"),
+        None,
     );
     ok(qemu_io(
         dir.path(),
@@ -241,28 +247,11 @@ fn authz_refuses_a_certificate_it_does_not_list() {
         let dir = tempfile::tempdir().unwrap();
         let server = x509_dir(dir.path(), "server", "server", "localhost");
         let client = x509_dir(dir.path(), "client", "client", "qemu-client");
-        let img = p(dir.path(), "disk.img");
-        ok(run(
-            "qemu-img",
-            "qemu-utils",
-            &["create", "-q", "-f", "raw", &img, "4M"],
-        ));
-        let args = [
-            "--object".to_string(),
-            format!("tls-creds-x509,id=tls0,endpoint=server,dir={server},verify-peer=on"),
-            "--object".to_string(),
-            format!("authz-simple,id=auth0,identity={identity}"),
-            "--blockdev".to_string(),
-            format!("driver=file,node-name=f,filename={img}"),
-            "--nbd-server".to_string(),
-            format!(
-                "addr.type=unix,addr.path={},tls-creds=tls0,tls-authz=auth0",
-                p(dir.path(), "nbd.sock")
-            ),
-            "--export".to_string(),
-            "type=nbd,id=e,node-name=f,name=disk,writable=on".to_string(),
-        ];
-        let _d = Daemon::start_in(&blockd(), dir.path(), &args).expect("blockd starts");
+        let _d = serve(
+            dir.path(),
+            &format!("tls-creds-x509,id=tls0,endpoint=server,dir={server},verify-peer=on"),
+            Some(&format!("authz-simple,id=auth0,identity={identity}")),
+        );
         let out = qemu_io(
             dir.path(),
             Some(&format!(
