@@ -115,6 +115,24 @@ fn psk_client_is_served_and_plain_or_wrong_key_clients_are_refused() {
             "tls-creds-psk,id=tlsc,endpoint=client,dir={good},username=qemu"
         )),
     ));
+    // qemu-img too: `info` through the same credentials.
+    let sock = p(dir.path(), "nbd.sock");
+    let info = ok(run(
+        "qemu-img",
+        "qemu-utils",
+        &[
+            "info",
+            "--object",
+            &format!("tls-creds-psk,id=tlsc,endpoint=client,dir={good},username=qemu"),
+            "--image-opts",
+            &format!("driver=nbd,path={sock},export=disk,tls-creds=tlsc"),
+        ],
+    ));
+    assert!(
+        String::from_utf8_lossy(&info.stdout).contains("virtual size: 4 MiB"),
+        "{}",
+        String::from_utf8_lossy(&info.stdout)
+    );
     let plain = qemu_io(dir.path(), None);
     assert!(!plain.status.success(), "a client without TLS is refused");
     let bad = write_psk(dir.path(), "bad", "00112233445566778899aabbccddeeff");
