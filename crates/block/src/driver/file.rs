@@ -77,7 +77,7 @@ struct InlineWrites {
 }
 
 impl InlineWrites {
-    const MAX_LEN: usize = 64 << 10;
+    const MAX_LEN: usize = 1 << 20;
     /// Dirty-page throttling sleeps 10 ms and more; a loaded machine can preempt a write
     /// for a few milliseconds without the write itself being slow.
     const SLOW: std::time::Duration = std::time::Duration::from_millis(5);
