@@ -332,6 +332,13 @@ fn backup_is_a_point_in_time_while_a_client_writes_through_nbd() {
         "type=nbd,id=e0,node-name=src,name=disk,writable=on".to_string(),
     ];
     let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
+    // The monitor's socket can appear before the NBD server's.
+    for _ in 0..500 {
+        if Path::new(&sock).exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let mut qmp = daemon.qmp().expect("monitor answers");
     qmp.execute(
         "blockdev-backup",

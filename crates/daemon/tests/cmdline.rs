@@ -733,6 +733,8 @@ fn nbd_server_and_export_from_the_command_line_serve_clients() {
         "type=nbd,id=e0,node-name=f0,name=disk,writable=on".to_string(),
     ];
     let mut daemon = Daemon::start_in(&blockd(), dir.path(), &args).unwrap();
+    // The monitor's socket can appear before the NBD server's.
+    wait_for("the NBD socket", || sock.exists());
     let uri = format!("nbd+unix:///disk?socket={}", sock.display());
     let out = Command::new("qemu-io")
         .args([

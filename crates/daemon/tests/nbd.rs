@@ -51,6 +51,17 @@ fn args(dir: &Path, blockdevs: &[String], node: &str) -> Vec<String> {
     args
 }
 
+/// Waits for the NBD socket: the monitor's can come up first.
+fn wait_socket(dir: &Path) {
+    let sock = dir.join("nbd.sock");
+    for _ in 0..500 {
+        if sock.exists() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// What the clients report for the export, with the socket path taken out.
 fn views(dir: &Path) -> Vec<String> {
     let sock = p(dir, "nbd.sock");
@@ -89,14 +100,7 @@ fn same_as_qsd(make: impl Fn(&Path) -> (Vec<String>, String)) {
         } else {
             Daemon::start_in(&blockd(), dir.path(), &args).expect("blockd starts")
         };
-        // The monitor may come up before the NBD socket does.
-        let sock = dir.path().join("nbd.sock");
-        for _ in 0..200 {
-            if sock.exists() {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
+        wait_socket(dir.path());
         seen.push(views(dir.path()));
         drop(daemon);
     }
@@ -180,6 +184,7 @@ fn writes_through_the_export_land_in_the_qcow2_image() {
     ];
     let mut daemon = Daemon::start_in(&blockd(), dir.path(), &args(dir.path(), &blockdevs, "q"))
         .expect("blockd starts");
+    wait_socket(dir.path());
     let uri = format!("nbd+unix:///disk?socket={}", p(dir.path(), "nbd.sock"));
     let src = p(dir.path(), "src.raw");
     qemu(&["qemu-img", "create", "-q", "-f", "raw", &src, "16M"]);

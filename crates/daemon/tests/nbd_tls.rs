@@ -58,7 +58,16 @@ fn serve(dir: &Path, object: &str, authz: Option<&str>) -> Daemon {
         "--export".to_string(),
         "type=nbd,id=e,node-name=f,name=disk,writable=on".to_string(),
     ]);
-    Daemon::start_in(&blockd(), dir, &args).expect("blockd starts")
+    let daemon = Daemon::start_in(&blockd(), dir, &args).expect("blockd starts");
+    // The monitor's socket can appear before the NBD server's.
+    let sock = dir.join("nbd.sock");
+    for _ in 0..500 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    daemon
 }
 
 /// qemu-io writing and reading through the export with client object `object` (none:
