@@ -111,3 +111,24 @@ impl SideBySide {
         Ok(opts)
     }
 }
+
+/// A file of `mib` MiB whose every `step`-th MiB (from the first) holds pseudo-random bytes;
+/// the rest are holes (`step` 1: all data).
+pub fn random_file(path: &Path, mib: u64, step: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::create(path)?;
+    f.set_len(mib << 20)?;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for m in (0..mib).step_by(step.max(1) as usize) {
+        for chunk in buf.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes());
+        }
+        f.write_all_at(&buf, m << 20)?;
+    }
+    f.sync_all()?;
+    Ok(())
+}

@@ -40,26 +40,6 @@ fn run(program: &str, args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// A raw file of `mib` MiB with random data in every other MiB (holes between).
-fn make_raw(path: &Path, mib: u64) -> Result<()> {
-    let f = std::fs::File::create(path)?;
-    f.set_len(mib << 20)?;
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let mut buf = vec![0u8; 1 << 20];
-    for m in (0..mib).step_by(2) {
-        for chunk in buf.chunks_exact_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            chunk.copy_from_slice(&state.to_le_bytes());
-        }
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(&buf, m << 20)?;
-    }
-    f.sync_all()?;
-    Ok(())
-}
-
 #[derive(Clone, Copy, PartialEq)]
 enum Format {
     Qcow2,
@@ -137,7 +117,7 @@ fn main() -> Result<()> {
     let raw = dir.path().join("source.raw");
     let qcow2 = dir.path().join("source.qcow2");
     eprintln!("making a {} MiB source, half random data", opts.size_mib);
-    make_raw(&raw, opts.size_mib)?;
+    bench::random_file(&raw, opts.size_mib, 2)?;
     run(
         "qemu-img",
         &[

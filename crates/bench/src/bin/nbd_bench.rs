@@ -14,7 +14,6 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -38,24 +37,6 @@ fn run(program: &str, package: &str, args: &[&str]) -> Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// A file of `mib` MiB of pseudo-random bytes.
-fn random_file(path: &Path, mib: u64) -> Result<()> {
-    let f = std::fs::File::create(path)?;
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let mut buf = vec![0u8; 1 << 20];
-    for m in 0..mib {
-        for chunk in buf.chunks_exact_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            chunk.copy_from_slice(&state.to_le_bytes());
-        }
-        f.write_all_at(&buf, m << 20)?;
-    }
-    f.sync_all()?;
-    Ok(())
 }
 
 #[derive(Clone, Copy)]
@@ -178,7 +159,7 @@ fn main() -> Result<()> {
         .tempdir_in(&base)?;
     let local = dir.path().join("local.raw");
     eprintln!("making {} MiB of random data", opts.size_mib);
-    random_file(&local, opts.size_mib)?;
+    bench::random_file(&local, opts.size_mib, 1)?;
     let l = local.to_str().context("path")?;
     let raw = dir.path().join("disk.raw");
     let qcow2 = dir.path().join("disk.qcow2");
