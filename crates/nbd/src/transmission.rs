@@ -2,9 +2,12 @@
 //! [`crate::MAX_IN_FLIGHT`]), replies written whole as they complete.
 
 use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf,
+};
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
@@ -63,7 +66,9 @@ where
         64 << 10,
         wr,
     )));
+    let flush_pending = Arc::new(AtomicBool::new(false));
     let slots = Arc::new(Semaphore::new(crate::MAX_IN_FLIGHT));
+    let buffers = Arc::new(Buffers::default());
     let mut tasks = JoinSet::new();
     let result = loop {
         let permit = slots
@@ -122,26 +127,30 @@ where
             if req.len > MAX_BUFFER {
                 // The payload cannot be skipped safely: answer and drop the client.
                 let f = fail(EINVAL, format!("len ({}) is larger than max len", req.len));
-                let _ = send(&s, &wr, req, Err(f)).await;
+                if send(&s, &wr, req, Err(f)).await.is_ok() {
+                    let _ = wr.lock().await.flush().await;
+                }
                 break Err(io::Error::new(
                     io::ErrorKind::InvalidData,
                     "payload too large",
                 ));
             }
-            payload = vec![0u8; req.len as usize];
-            if let Err(e) = rd.read_exact(&mut payload).await {
+            payload = buffers.take(req.len as usize);
+            if let Err(e) = read_payload(&mut rd, &mut payload).await {
                 break Err(e);
             }
         }
         if req.cmd == CMD_DISC {
             break Ok(());
         }
-        let (s2, wr2) = (s.clone(), wr.clone());
+        let (s2, wr2, bufs2) = (s.clone(), wr.clone(), buffers.clone());
+        let pending = flush_pending.clone();
         tasks.spawn(async move {
-            let result = execute(&s2, req, payload).await;
-            let sent = send(&s2, &wr2, req, result).await;
+            let result = execute(&s2, req, &payload).await;
+            bufs2.give(payload);
+            send(&s2, &wr2, req, result).await?;
             drop(permit);
-            sent
+            flush_soon(&wr2, &pending).await
         });
         while let Some(done) = tasks.try_join_next() {
             if let Ok(Err(e)) = done {
@@ -159,6 +168,49 @@ where
     result
 }
 
+/// Reads a WRITE's payload: what the request reader already buffered, then the rest straight
+/// from the socket into `buf` (one copy less than going through the reader's buffer).
+async fn read_payload<R: AsyncRead + Unpin>(
+    rd: &mut tokio::io::BufReader<R>,
+    buf: &mut [u8],
+) -> io::Result<()> {
+    let buffered = rd.buffer();
+    let n = buffered.len().min(buf.len());
+    buf[..n].copy_from_slice(&buffered[..n]);
+    rd.consume(n);
+    if n < buf.len() {
+        rd.get_mut().read_exact(&mut buf[n..]).await?;
+    }
+    Ok(())
+}
+
+/// Write payload buffers kept for reuse by one connection: a fresh large allocation costs
+/// page faults and zeroing on every request.
+#[derive(Default)]
+struct Buffers(std::sync::Mutex<Vec<Vec<u8>>>);
+
+impl Buffers {
+    /// Most bytes kept in one buffer (larger ones are freed after use).
+    const KEEP_LEN: usize = 4 << 20;
+
+    fn take(&self, len: usize) -> Vec<u8> {
+        let reused = self.0.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let mut buf = reused.unwrap_or_default();
+        // Contents are overwritten by the payload; only growth zeroes new bytes.
+        buf.resize(len, 0);
+        buf
+    }
+
+    fn give(&self, buf: Vec<u8>) {
+        if buf.capacity() <= Self::KEEP_LEN {
+            let mut kept = self.0.lock().unwrap_or_else(|e| e.into_inner());
+            if kept.len() < crate::MAX_IN_FLIGHT {
+                kept.push(buf);
+            }
+        }
+    }
+}
+
 fn allowed_flags(cmd: u16, structured: bool, extended: bool) -> Option<u16> {
     let df = if structured { CMD_FLAG_DF } else { 0 };
     Some(match cmd {
@@ -171,7 +223,7 @@ fn allowed_flags(cmd: u16, structured: bool, extended: bool) -> Option<u16> {
     })
 }
 
-async fn execute(s: &Session, req: Request, payload: Vec<u8>) -> Result<Success, Failure> {
+async fn execute(s: &Session, req: Request, payload: &[u8]) -> Result<Success, Failure> {
     if s.extended && req.cmd != CMD_WRITE && req.flags & CMD_FLAG_PAYLOAD_LEN != 0 {
         return Err(fail(EINVAL, "unexpected payload"));
     }
@@ -221,7 +273,7 @@ async fn execute(s: &Session, req: Request, payload: Vec<u8>) -> Result<Success,
             Ok(Success::Data(buf))
         }
         CMD_WRITE => {
-            b.write(req.offset, &payload, fua)
+            b.write(req.offset, payload, fua)
                 .await
                 .map_err(|e| io_fail(&e))?;
             Ok(Success::Done)
@@ -448,14 +500,14 @@ async fn send<W: AsyncWrite + Unpin>(
                     w.write_all(&data[a..b]).await?;
                 }
             }
-            return w.flush().await;
+            return Ok(());
         }
         Ok(Success::Data(data)) => {
             simple(&mut out, 0, req.cookie);
             let mut w = wr.lock().await;
             w.write_all(&out).await?;
             w.write_all(&data).await?;
-            return w.flush().await;
+            return Ok(());
         }
         Ok(Success::Status(chunks)) => {
             let n = chunks.len();
@@ -483,7 +535,59 @@ async fn send<W: AsyncWrite + Unpin>(
             }
         }
     }
-    let mut w = wr.lock().await;
-    w.write_all(&out).await?;
-    w.flush().await
+    wr.lock().await.write_all(&out).await
+}
+
+/// Sends what replies are buffered, after letting the replies that are ready too join them:
+/// one system call (and one wake-up of the client) for a batch of replies instead of one
+/// each. Whoever sets `pending` flushes; replies written meanwhile go out with that flush.
+async fn flush_soon<W: AsyncWrite + Unpin>(wr: &Mutex<W>, pending: &AtomicBool) -> io::Result<()> {
+    if pending.swap(true, Ordering::AcqRel) {
+        return Ok(());
+    }
+    tokio::task::yield_now().await;
+    pending.store(false, Ordering::Release);
+    wr.lock().await.flush().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn payload_after_a_buffered_header_is_read_whole_and_in_order() {
+        // Header, a 100 KiB payload, then the next request's first bytes: the reader's
+        // buffer holds part of the payload when the payload read starts.
+        let payload: Vec<u8> = (0..100 << 10).map(|i| (i % 251) as u8).collect();
+        let mut stream = b"HEAD".to_vec();
+        stream.extend_from_slice(&payload);
+        stream.extend_from_slice(b"NEXT");
+        let mut rd = tokio::io::BufReader::with_capacity(4096, &stream[..]);
+        let mut head = [0u8; 4];
+        rd.read_exact(&mut head).await.unwrap();
+        assert!(!rd.buffer().is_empty());
+        let buffers = Buffers::default();
+        let mut buf = buffers.take(payload.len());
+        read_payload(&mut rd, &mut buf).await.unwrap();
+        assert_eq!(buf, payload);
+        let mut next = [0u8; 4];
+        rd.read_exact(&mut next).await.unwrap();
+        assert_eq!(&next, b"NEXT");
+    }
+
+    #[test]
+    fn buffers_are_reused_and_sized_to_the_request() {
+        let buffers = Buffers::default();
+        let mut a = buffers.take(8192);
+        a.fill(7);
+        let ptr = a.as_ptr();
+        buffers.give(a);
+        let b = buffers.take(4096);
+        assert_eq!(b.len(), 4096);
+        assert_eq!(b.as_ptr(), ptr);
+        buffers.give(b);
+        // Huge buffers are not kept.
+        buffers.give(vec![0; Buffers::KEEP_LEN + 1]);
+        assert_eq!(buffers.take(1).as_ptr(), ptr);
+    }
 }

@@ -90,16 +90,61 @@ impl Image {
         self.check_writable()?;
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.geo.cluster_size();
+        // Consecutive clusters written in place whose host clusters are adjacent go out in
+        // one write: (host offset, start in `buf`, length, the pins that keep them).
+        let mut run: Option<(u64, usize, usize, Vec<Option<crate::pin::Pin>>)> = None;
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
             let a = pos % cs;
             let n = ((cs - a) as usize).min(buf.len() - done);
-            self.write_cluster(pos / cs, a, &buf[done..done + n], backing)
+            let plan = self
+                .plan_cluster(pos / cs, a, a + n as u64, backing)
                 .await?;
+            match plan {
+                WritePlan::InPlace { host, pin } => match &mut run {
+                    Some((h, _, len, pins)) if *h + *len as u64 == host + a => {
+                        *len += n;
+                        pins.push(pin);
+                    }
+                    _ => {
+                        if let Some((h, at, len, pins)) = run.take() {
+                            self.write_run(h, &buf[at..at + len], pins).await?;
+                        }
+                        run = Some((host + a, done, n, vec![pin]));
+                    }
+                },
+                WritePlan::Update(up) => {
+                    if let Some((h, at, len, pins)) = run.take() {
+                        self.write_run(h, &buf[at..at + len], pins).await?;
+                    }
+                    self.write_update(pos / cs, a, &buf[done..done + n], backing, up)
+                        .await?;
+                }
+            }
             done += n;
         }
+        if let Some((h, at, len, pins)) = run {
+            self.write_run(h, &buf[at..at + len], pins).await?;
+        }
         Ok(())
+    }
+
+    /// Writes guest data in place at host offset `host`; the pins keep its clusters from
+    /// being freed and reused meanwhile.
+    async fn write_run(
+        &self,
+        host: u64,
+        data: &[u8],
+        pins: Vec<Option<crate::pin::Pin>>,
+    ) -> Result<()> {
+        let r = self
+            .data()
+            .write_at(host, data)
+            .await
+            .ctx("cannot write guest data");
+        drop(pins);
+        r
     }
 
     /// The guest contents of cluster `gc` bytes `a..b` as the entry `e` describes them.
@@ -144,36 +189,22 @@ impl Image {
         Ok(out)
     }
 
-    /// Write `data` at byte `a` of guest cluster `gc`.
-    async fn write_cluster(
+    /// Plans a write of bytes `a..b` of guest cluster `gc` (see [`Self::plan_write`]).
+    async fn plan_cluster(
         &self,
         gc: u64,
         a: u64,
-        data: &[u8],
+        b: u64,
         backing: Option<&dyn Backing>,
-    ) -> Result<()> {
+    ) -> Result<WritePlan> {
         let meta = self.meta.lock().await;
         let mut meta = self.wait_idle(meta, gc).await;
-        let b = a + data.len() as u64;
         let r = self
             .plan_write(&mut meta, gc, a, b, backing.is_some())
             .await;
-        let plan = match r {
-            Ok(plan) => plan,
-            Err(e) => return self.settle(&mut meta, Err(e)).await,
-        };
-        drop(meta);
-        match plan {
-            WritePlan::InPlace { host, pin } => {
-                let r = self
-                    .data()
-                    .write_at(host + a, data)
-                    .await
-                    .ctx("cannot write guest data");
-                drop(pin);
-                r
-            }
-            WritePlan::Update(up) => self.write_update(gc, a, data, backing, up).await,
+        match r {
+            Ok(plan) => Ok(plan),
+            Err(e) => self.settle(&mut meta, Err(e)).await,
         }
     }
 
@@ -463,7 +494,7 @@ impl Image {
             for &(x, y) in parts {
                 if x < y {
                     let zeros = vec![0u8; (y - x) as usize];
-                    self.write_cluster(gc, x, &zeros, backing).await?;
+                    self.write(gc * cs + x, &zeros, backing).await?;
                 }
             }
             pos = gc * cs + b;

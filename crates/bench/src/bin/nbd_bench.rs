@@ -60,6 +60,9 @@ impl Work {
 
 /// Throughput in MiB/s of one workload against the export at `uri`.
 fn measure(work: Work, uri: &str, local: &Path, mib: u64) -> Result<f64> {
+    // Dirty pages left by the previous workload (of either daemon) are written back first,
+    // so each measurement starts from the same page-cache state.
+    run("sync", "coreutils", &[])?;
     match work {
         Work::SeqRead | Work::SeqWrite => {
             let local = local.to_str().context("path")?;
