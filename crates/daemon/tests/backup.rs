@@ -35,7 +35,12 @@ fn p(dir: &Path, name: &str) -> String {
 
 /// Starts blockd with `src` and `tgt` nodes of the given formats over the files.
 fn start(dir: &Path, src_fmt: &str, tgt_fmt: &str) -> (Daemon, Qmp) {
-    let args = [
+    start_with(dir, src_fmt, tgt_fmt, &[])
+}
+
+/// [`start`] with more arguments after the nodes.
+fn start_with(dir: &Path, src_fmt: &str, tgt_fmt: &str, extra: &[String]) -> (Daemon, Qmp) {
+    let mut args = vec![
         "--blockdev".to_string(),
         format!("driver=file,node-name=sf,filename={}", p(dir, "src.img")),
         "--blockdev".to_string(),
@@ -45,10 +50,31 @@ fn start(dir: &Path, src_fmt: &str, tgt_fmt: &str) -> (Daemon, Qmp) {
         "--blockdev".to_string(),
         format!("driver={tgt_fmt},node-name=tgt,file=tf"),
     ];
+    args.extend_from_slice(extra);
     let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
     // `qmp()` connects and negotiates.
     let qmp = daemon.qmp().expect("monitor answers");
     (daemon, qmp)
+}
+
+/// [`start`] with qcow2 nodes and `src` exported writable over NBD as `disk`; returns the
+/// export's URI too.
+fn start_exported(dir: &Path) -> (Daemon, Qmp, String) {
+    let sock = p(dir, "nbd.sock");
+    let extra = [
+        "--nbd-server".to_string(),
+        format!("addr.type=unix,addr.path={sock}"),
+        "--export".to_string(),
+        "type=nbd,id=e0,node-name=src,name=disk,writable=on".to_string(),
+    ];
+    let (daemon, qmp) = start_with(dir, "qcow2", "qcow2", &extra);
+    // The monitor's socket can appear before the NBD server's.
+    let deadline = std::time::Instant::now() + LIMIT;
+    while !Path::new(&sock).exists() {
+        assert!(std::time::Instant::now() < deadline, "no NBD socket");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    (daemon, qmp, format!("nbd+unix:///disk?socket={sock}"))
 }
 
 /// Runs a backup to its end and returns the BLOCK_JOB_COMPLETED event.
@@ -316,30 +342,7 @@ fn backup_is_a_point_in_time_while_a_client_writes_through_nbd() {
     );
     run("qemu-img", &["create", "-q", "-f", "qcow2", &tgt, "1G"]);
     std::fs::copy(&src, &snap).unwrap();
-    let sock = p(dir.path(), "nbd.sock");
-    let args = [
-        "--blockdev".to_string(),
-        format!("driver=file,node-name=sf,filename={src}"),
-        "--blockdev".to_string(),
-        "driver=qcow2,node-name=src,file=sf".to_string(),
-        "--blockdev".to_string(),
-        format!("driver=file,node-name=tf,filename={tgt}"),
-        "--blockdev".to_string(),
-        "driver=qcow2,node-name=tgt,file=tf".to_string(),
-        "--nbd-server".to_string(),
-        format!("addr.type=unix,addr.path={sock}"),
-        "--export".to_string(),
-        "type=nbd,id=e0,node-name=src,name=disk,writable=on".to_string(),
-    ];
-    let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
-    // The monitor's socket can appear before the NBD server's.
-    for _ in 0..500 {
-        if Path::new(&sock).exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let mut qmp = daemon.qmp().expect("monitor answers");
+    let (daemon, mut qmp, uri) = start_exported(dir.path());
     qmp.execute(
         "blockdev-backup",
         // At 32 MiB/s the job needs half a minute: fio is done long before.
@@ -351,7 +354,7 @@ fn backup_is_a_point_in_time_while_a_client_writes_through_nbd() {
         .args([
             "--name=hammer",
             "--ioengine=nbd",
-            &format!("--uri=nbd+unix:///disk?socket={sock}"),
+            &format!("--uri={uri}"),
             "--rw=randwrite",
             "--bs=4k",
             "--iodepth=32",
@@ -390,4 +393,192 @@ fn backup_is_a_point_in_time_while_a_client_writes_through_nbd() {
         .status()
         .unwrap();
     assert!(!changed.success(), "fio's writes are in the source");
+}
+
+/// Polls `query-block-jobs` until job `id` satisfies `cond`; returns that job's entry.
+fn wait_job(qmp: &mut Qmp, id: &str, what: &str, cond: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + LIMIT;
+    loop {
+        let jobs = qmp.execute("query-block-jobs", json!({})).unwrap();
+        if let Some(job) = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["device"] == json!(id))
+        {
+            if cond(job) {
+                return job.clone();
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job {id} never {what}: {jobs}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The target runs out of space once (blkdebug fails one write with ENOSPC): under
+/// `on-target-error=enospc` the job pauses with io-status `nospace`, a resume clears the
+/// status and retries, and the finished target equals the source.
+#[test]
+fn enospc_on_the_target_pauses_until_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt) = (p(dir.path(), "src.img"), p(dir.path(), "tgt.img"));
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &src, "4M"]);
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x61 0 3M",
+            "-c",
+            "write -P 0x62 3M 1M",
+            &src,
+        ],
+    );
+    run("qemu-img", &["create", "-q", "-f", "raw", &tgt, "4M"]);
+    let target = json!({
+        "driver": "raw", "node-name": "tgt",
+        "file": {
+            "driver": "blkdebug",
+            "inject-error": [{"event": "write_aio", "errno": 28, "once": true}],
+            "image": {"driver": "file", "filename": tgt},
+        },
+    });
+    let args = [
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=sf,filename={src}"),
+        "--blockdev".to_string(),
+        "driver=qcow2,node-name=src,file=sf".to_string(),
+        "--blockdev".to_string(),
+        target.to_string(),
+    ];
+    let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
+    let mut qmp = daemon.qmp().expect("monitor answers");
+    qmp.execute(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full",
+               "on-target-error": "enospc", "speed": 1 << 20}),
+    )
+    .expect("blockdev-backup");
+    let err = qmp.wait_event("BLOCK_JOB_ERROR", LIMIT).unwrap();
+    assert_eq!(
+        err["data"],
+        json!({"device": "b", "operation": "write", "action": "stop"})
+    );
+    let job = wait_job(&mut qmp, "b", "paused", |j| j["status"] == json!("paused"));
+    assert_eq!(job["io-status"], json!("nospace"), "{job}");
+    qmp.execute("block-job-resume", json!({"device": "b"}))
+        .unwrap();
+    let job = wait_job(&mut qmp, "b", "ran again", |j| {
+        j["status"] != json!("paused")
+    });
+    assert_eq!(job["io-status"], json!("ok"), "a resume clears it: {job}");
+    qmp.execute("block-job-set-speed", json!({"device": "b", "speed": 0}))
+        .unwrap();
+    let done = qmp.wait_event("BLOCK_JOB_COMPLETED", LIMIT).unwrap();
+    assert!(done["data"].get("error").is_none(), "{done}");
+    assert_eq!(done["data"]["offset"], json!(4 << 20), "{done}");
+    quit(daemon, qmp);
+    run("qemu-img", &["compare", "-q", "-F", "raw", &src, &tgt]);
+}
+
+/// One acknowledged guest write: `len` bytes of `pattern` at `offset`.
+struct Acked {
+    offset: u64,
+    len: usize,
+    pattern: u8,
+}
+
+/// blockd killed with SIGKILL in the middle of a throttled qcow2 backup while a client
+/// writes the source through NBD: neither image is corrupted (leaked clusters are allowed),
+/// and every write whose flush was acknowledged before the kill is in the source.
+#[test]
+fn sigkill_mid_backup_corrupts_nothing_and_keeps_acknowledged_writes() {
+    const CHUNK: u64 = 64 << 10;
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt) = (p(dir.path(), "src.img"), p(dir.path(), "tgt.img"));
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &src, "16M"]);
+    run("qemu-io", &["-c", "write -P 0x5a 0 12M", &src]);
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &tgt, "16M"]);
+    let (mut daemon, mut qmp, uri) = start_exported(dir.path());
+    qmp.execute(
+        "blockdev-backup",
+        // 16 MiB at 512 KiB/s: half a minute, far longer than the writes below.
+        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "speed": 512 << 10}),
+    )
+    .expect("blockdev-backup");
+    // Every write is its own qemu-io over NBD, written and flushed: acknowledged once
+    // qemu-io succeeds. Distinct clusters, half of them over data the backup still needs.
+    let mut acked = Vec::new();
+    for i in 0..24u64 {
+        let (offset, pattern) = (i * 5 * CHUNK + 4096, 0x80 + i as u8);
+        let out = Command::new("qemu-io")
+            .args([
+                "-f",
+                "raw",
+                "-c",
+                &format!("write -P {pattern} {offset} 8k"),
+                "-c",
+                "flush",
+                &uri,
+            ])
+            .output()
+            .expect("qemu-io is needed (install qemu-utils)");
+        assert!(
+            out.status.success() && !String::from_utf8_lossy(&out.stdout).contains("error"),
+            "write {i} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        acked.push(Acked {
+            offset,
+            len: 8 << 10,
+            pattern,
+        });
+    }
+    let job = wait_job(&mut qmp, "b", "started copying", |j| {
+        j["offset"].as_u64().unwrap() > 0
+    });
+    assert!(
+        job["offset"].as_u64().unwrap() < job["len"].as_u64().unwrap(),
+        "the job is mid-way: {job}"
+    );
+    // One more write in flight while the daemon dies: it may or may not land.
+    let mut last = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0xee 15M 64k", &uri])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    daemon.kill();
+    let _ = last.wait();
+    for image in [&src, &tgt] {
+        let out = Command::new("qemu-img")
+            .args(["check", "--output=json", image])
+            .output()
+            .unwrap();
+        let report: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("qemu-img check {image}: {e}: {out:?}"));
+        // Exit status 3 means leaked clusters only, which an interrupted write may leave.
+        assert!(
+            matches!(out.status.code(), Some(0 | 3)),
+            "{image} is corrupt: {report}"
+        );
+        assert!(report.get("corruptions").is_none(), "{image}: {report}");
+    }
+    let flat = p(dir.path(), "src.raw");
+    run("qemu-img", &["convert", "-O", "raw", &src, &flat]);
+    let data = std::fs::read(&flat).unwrap();
+    for w in &acked {
+        let at = w.offset as usize;
+        assert!(
+            data[at..at + w.len].iter().all(|&b| b == w.pattern),
+            "the acknowledged write of {:#x} at {:#x} is lost",
+            w.pattern,
+            w.offset
+        );
+    }
+    // Around the writes, the source still holds what it had.
+    assert!(data[..4096].iter().all(|&b| b == 0x5a));
 }

@@ -39,6 +39,7 @@ macro_rules! scenarios {
 
 scenarios!(
     backup,
+    backup_enospc,
     backup_faults,
     backup_quit,
     blkdebug,
