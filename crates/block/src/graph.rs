@@ -510,6 +510,12 @@ impl BlockGraph {
         name
     }
 
+    /// Takes the next anonymous `#block…` name without making a node: QEMU names a node it
+    /// opens and closes again at once (a filter whose job is refused) all the same.
+    pub fn consume_anonymous_name(&mut self) {
+        self.name_now(&mut None);
+    }
+
     /// The child a `BlockdevRef` names: an existing node, or a new implicit one that
     /// inherits the parent's read-only flag.
     pub(crate) async fn open_child(

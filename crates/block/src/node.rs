@@ -311,6 +311,18 @@ impl Node {
         self.driver.write(offset, buf, flags).await
     }
 
+    /// Writes whole clusters compressed (see [`BlockDriver::write_compressed`]).
+    pub async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        let _in = self.gate.enter().await;
+        self.wrote();
+        self.driver.write_compressed(offset, buf).await
+    }
+
     /// Writes `buf` at `offset` for a parent format driver, growing the node when the write
     /// runs past its end and the driver can grow that way (see
     /// [`BlockDriver::grows_on_write`]); `false` when it cannot, so the caller resizes first.

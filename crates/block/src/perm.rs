@@ -121,8 +121,12 @@ pub enum ChildRole {
     },
     /// The source below a copy-before-write filter: the filter's users' permissions plus
     /// consistent reads (it copies old data); nobody else may write or resize it, or the
-    /// copy would miss the change.
-    CbwSource,
+    /// copy would miss the change. With `discard` (backup's `discard-source`) the filter
+    /// writes it too: copied clusters are discarded.
+    CbwSource {
+        /// The source is discarded behind the copy.
+        discard: bool,
+    },
     /// The target a copy-before-write filter copies to: written; others may read and write.
     CbwTarget,
     /// A `backing` child: read when the parent's users need consistent reads; others
@@ -138,8 +142,8 @@ impl ChildRole {
     pub fn child_perms(self, perm: Perm, shared: Perm) -> (Perm, Perm) {
         match self {
             ChildRole::Filtered => (perm, shared),
-            ChildRole::CbwSource => (
-                perm | Perm::CONSISTENT_READ,
+            ChildRole::CbwSource { discard } => (
+                perm | Perm::CONSISTENT_READ | if discard { Perm::WRITE } else { Perm::NONE },
                 Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
             ),
             ChildRole::CbwTarget => (

@@ -582,3 +582,165 @@ fn sigkill_mid_backup_corrupts_nothing_and_keeps_acknowledged_writes() {
     // Around the writes, the source still holds what it had.
     assert!(data[..4096].iter().all(|&b| b == 0x5a));
 }
+
+/// `compress: true` onto a qcow2 target: the clusters are stored compressed (`qemu-img map`
+/// says so), the image is clean, reads as the source and is smaller than an uncompressed
+/// copy; an incompressible cluster is stored as it is.
+#[test]
+fn compressed_backup_stores_compressed_clusters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt, plain) = (
+        p(dir.path(), "src.img"),
+        p(dir.path(), "tgt.img"),
+        p(dir.path(), "plain.img"),
+    );
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &src, "8M"]);
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x3c 0 4M",
+            "-c",
+            "write -P 0x4d 6M 1M",
+            &src,
+        ],
+    );
+    // One cluster of random bytes does not compress.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 32) as u8
+        })
+        .collect();
+    let noise_file = p(dir.path(), "noise.bin");
+    std::fs::write(&noise_file, &noise).unwrap();
+    run(
+        "qemu-io",
+        &["-c", &format!("write -s {noise_file} 7M 64k"), &src],
+    );
+    for t in [&tgt, &plain] {
+        run("qemu-img", &["create", "-q", "-f", "qcow2", t, "8M"]);
+    }
+    let (daemon, mut qmp) = start(dir.path(), "qcow2", "qcow2");
+    qmp.execute(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "compress": true}),
+    )
+    .expect("blockdev-backup");
+    let done = qmp.wait_event("BLOCK_JOB_COMPLETED", LIMIT).unwrap();
+    assert!(done["data"].get("error").is_none(), "{done}");
+    quit(daemon, qmp);
+    run("qemu-img", &["check", "-q", &tgt]);
+    run("qemu-img", &["compare", "-q", &src, &tgt]);
+    run("qemu-img", &["convert", "-O", "qcow2", &src, &plain]);
+    let map = run("qemu-img", &["map", "--output=json", &tgt]);
+    let map: Value = serde_json::from_slice(&map.stdout).unwrap();
+    let bytes = |compressed: bool| -> u64 {
+        map.as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["data"] == json!(true) && e["compressed"] == json!(compressed))
+            .map(|e| e["length"].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(bytes(true), 5 << 20, "the patterns are compressed: {map}");
+    assert_eq!(bytes(false), 64 << 10, "the noise is not: {map}");
+    let (small, big) = (
+        std::fs::metadata(&tgt).unwrap().len(),
+        std::fs::metadata(&plain).unwrap().len(),
+    );
+    assert!(small * 4 < big, "compressed {small} vs plain {big}");
+}
+
+/// `x-perf.max-chunk` bounds the bytes of one copy: at a crawling speed the job starts one
+/// copy and waits, and that copy is one chunk (rounded down to whole clusters); without it
+/// a copy is 1 MiB.
+#[test]
+fn max_chunk_bounds_the_bytes_of_one_copy() {
+    for (perf, chunk) in [
+        (json!({"max-chunk": 196608}), 196608),
+        (json!({"max-chunk": 200000}), 196608),
+        (json!({"max-workers": 1}), 1 << 20),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (src, tgt) = (p(dir.path(), "src.img"), p(dir.path(), "tgt.img"));
+        run("qemu-img", &["create", "-q", "-f", "raw", &src, "4M"]);
+        run("qemu-io", &["-f", "raw", "-c", "write -P 0x77 0 4M", &src]);
+        run("qemu-img", &["create", "-q", "-f", "raw", &tgt, "4M"]);
+        let (daemon, mut qmp) = start(dir.path(), "raw", "raw");
+        qmp.execute(
+            "blockdev-backup",
+            json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full",
+                   "speed": 1, "x-perf": perf}),
+        )
+        .expect("blockdev-backup");
+        let job = wait_job(&mut qmp, "b", "copied", |j| j["offset"] != json!(0));
+        assert_eq!(job["offset"], json!(chunk), "{perf}: {job}");
+        qmp.execute("block-job-cancel", json!({"device": "b", "force": true}))
+            .unwrap();
+        qmp.wait_event("BLOCK_JOB_CANCELLED", LIMIT).unwrap();
+        quit(daemon, qmp);
+        let copied = std::fs::read(&tgt).unwrap();
+        let end = copied.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        assert_eq!(end, chunk as usize, "{perf}: one copy reached the target");
+    }
+}
+
+/// `discard-source`: each copied range is discarded on the source (which allows it with
+/// `discard=unmap`); the target holds what the source held.
+#[test]
+fn discard_source_empties_the_source_behind_the_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tgt, orig) = (
+        p(dir.path(), "src.img"),
+        p(dir.path(), "tgt.img"),
+        p(dir.path(), "orig.img"),
+    );
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &src, "8M"]);
+    run(
+        "qemu-io",
+        &[
+            "-c",
+            "write -P 0x21 0 3M",
+            "-c",
+            "write -P 0x22 5M 2M",
+            &src,
+        ],
+    );
+    std::fs::copy(&src, &orig).unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &tgt, "8M"]);
+    let args = [
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=sf,filename={src},discard=unmap"),
+        "--blockdev".to_string(),
+        "driver=qcow2,node-name=src,file=sf,discard=unmap".to_string(),
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=tf,filename={tgt}"),
+        "--blockdev".to_string(),
+        "driver=qcow2,node-name=tgt,file=tf".to_string(),
+    ];
+    let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
+    let mut qmp = daemon.qmp().expect("monitor answers");
+    qmp.execute(
+        "blockdev-backup",
+        json!({"job-id": "b", "device": "src", "target": "tgt", "sync": "full", "discard-source": true}),
+    )
+    .expect("blockdev-backup");
+    let done = qmp.wait_event("BLOCK_JOB_COMPLETED", LIMIT).unwrap();
+    assert!(done["data"].get("error").is_none(), "{done}");
+    quit(daemon, qmp);
+    run("qemu-img", &["compare", "-q", &orig, &tgt]);
+    run("qemu-img", &["check", "-q", &src]);
+    let map = run("qemu-img", &["map", "--output=json", &src]);
+    let map: Value = serde_json::from_slice(&map.stdout).unwrap();
+    assert!(
+        map.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["data"] == json!(false)),
+        "nothing left in the source: {map}"
+    );
+}

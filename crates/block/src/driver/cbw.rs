@@ -40,6 +40,10 @@ pub struct CbwState {
     cluster: u64,
     len: u64,
     on_error: OnCbwError,
+    /// Clusters go to the target compressed (backup's `compress`).
+    compress: bool,
+    /// The source is discarded behind each copy (backup's `discard-source`).
+    discard_source: bool,
     inner: Mutex<Inner>,
     done: Notify,
 }
@@ -101,6 +105,8 @@ impl CbwState {
             cluster,
             len,
             on_error,
+            compress: false,
+            discard_source: false,
             inner: Mutex::new(Inner {
                 todo,
                 copying: HashSet::new(),
@@ -109,6 +115,24 @@ impl CbwState {
             }),
             done: Notify::new(),
         }
+    }
+
+    /// Copies write compressed clusters to the target (which must be able to).
+    pub fn with_compress(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
+    }
+
+    /// Each copied range is discarded on the source once it is on the target (the filter's
+    /// source edge then takes `write`, see [`CbwDriver::children`]).
+    pub fn with_discard_source(mut self, on: bool) -> Self {
+        self.discard_source = on;
+        self
+    }
+
+    /// Whether copies write compressed clusters.
+    pub fn compresses(&self) -> bool {
+        self.compress
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -261,8 +285,16 @@ impl CbwState {
                 .block_status(pos, end - pos)
                 .await
                 .map_err(read)?;
-            let len = status.len.clamp(1, end - pos);
-            if status.zero {
+            // Whole clusters: a run shorter than one is copied as data, a longer one is cut
+            // back to whole clusters (the rest is looked at again).
+            let mut len = status.len.clamp(1, end - pos);
+            let zero = status.zero && (len >= self.cluster || pos + len == end);
+            if len < self.cluster {
+                len = self.cluster.min(end - pos);
+            } else if pos + len < end {
+                len -= len % self.cluster;
+            }
+            if zero {
                 let flags = ZeroFlags {
                     may_unmap: true,
                     no_fallback: false,
@@ -275,12 +307,18 @@ impl CbwState {
             } else {
                 let mut buf = vec![0u8; len as usize];
                 self.source.read(pos, &mut buf).await.map_err(read)?;
-                self.target
-                    .write(pos, &buf, WriteFlags::default())
-                    .await
-                    .map_err(write)?;
+                let written = if self.compress {
+                    self.target.write_compressed(pos, &buf).await
+                } else {
+                    self.target.write(pos, &buf, WriteFlags::default()).await
+                };
+                written.map_err(write)?;
             }
             pos += len;
+        }
+        if self.discard_source {
+            // The copy is safe on the target; a source that cannot discard keeps its data.
+            let _ = self.source.discard(start, end - start).await;
         }
         Ok(end - start)
     }
@@ -333,7 +371,9 @@ impl CbwDriver {
             Child {
                 name: "file".into(),
                 node: self.source.clone(),
-                role: ChildRole::CbwSource,
+                role: ChildRole::CbwSource {
+                    discard: self.state.discard_source,
+                },
             },
             Child {
                 name: "target".into(),

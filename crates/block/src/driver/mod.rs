@@ -120,6 +120,17 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     fn grows_on_write(&self) -> bool {
         false
     }
+    /// Whether the driver writes compressed clusters (QEMU: it has compressed writes), which
+    /// backup's `compress` needs of its target.
+    fn can_compress(&self) -> bool {
+        false
+    }
+    /// Writes `buf` at `offset` compressed: `offset` is cluster aligned and `buf` whole
+    /// clusters, the last one possibly ending at the end of the disk. A cluster that does not
+    /// compress is written as it is.
+    async fn write_compressed(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
+        Err(Error::CompressNotSupported)
+    }
     /// Makes `len` bytes at `offset` read as zeroes.
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()>;
     /// Hints that `len` bytes at `offset` are no longer needed.
