@@ -108,7 +108,7 @@ pub enum Error {
     #[error("Image format driver does not support resize")]
     ResizeNotSupported,
     #[error("Operation not supported")]
-    CompressNotSupported,
+    OperationNotSupported,
     #[error("Driver does not support x-blockdev-amend")]
     AmendNotSupported,
     #[error("x-blockdev-amend doesn't support changing the block driver")]
@@ -171,7 +171,7 @@ impl Error {
             BackingOpen(inner) => inner.kind(),
             RawFixedSize
             | ResizeNotSupported
-            | CompressNotSupported
+            | OperationNotSupported
             | UnsupportedPreallocation(_)
             | AmendNotSupported
             | AmendChangesDriver => ErrorKind::NotSupported,
@@ -197,7 +197,7 @@ impl Error {
             }
             Error::OutOfRange { .. } => Some(libc::EIO),
             Error::NodeReadOnly | Error::ImageReadOnly => Some(libc::EPERM),
-            Error::CompressNotSupported => Some(libc::ENOTSUP),
+            Error::OperationNotSupported => Some(libc::ENOTSUP),
             _ => None,
         }
     }

@@ -145,6 +145,8 @@ pub struct NodeInfo {
     pub detect_zeroes: DetectZeroes,
     pub cache: CacheInfo,
     pub write_threshold: u64,
+    /// `dirty-bitmaps`, left out when empty.
+    pub dirty_bitmaps: Vec<crate::driver::DirtyBitmapInfo>,
     pub image: ImageInfo,
 }
 
@@ -435,11 +437,17 @@ impl Node {
             .map(|c| &c.node)
     }
 
-    /// The child a filter driver passes requests to (blkdebug's `image`).
+    /// The child a filter driver passes requests to (blkdebug's `image`, copy-before-write's
+    /// `file`).
     pub fn filtered(&self) -> Option<&Arc<Node>> {
         self.children
             .iter()
-            .find(|c| matches!(c.role, ChildRole::Debug { .. }))
+            .find(|c| {
+                matches!(
+                    c.role,
+                    ChildRole::Debug { .. } | ChildRole::CbwSource { .. }
+                )
+            })
             .map(|c| &c.node)
     }
 
@@ -482,6 +490,7 @@ impl Node {
                 no_flush: self.flags.no_flush,
             },
             write_threshold: self.write_threshold(),
+            dirty_bitmaps: extra.dirty_bitmaps,
             image: ImageInfo {
                 filename,
                 format: self.driver.name(),

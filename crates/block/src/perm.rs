@@ -129,6 +129,9 @@ pub enum ChildRole {
     },
     /// The target a copy-before-write filter copies to: written; others may read and write.
     CbwTarget,
+    /// `snapshot-access`'s copy-before-write node: it reads the snapshot through the
+    /// filter's state, not through the node, so it takes nothing and shares everything.
+    Snapshot,
     /// A `backing` child: read when the parent's users need consistent reads; others
     /// may change it only when the parent's users allow writes.
     Cow,
@@ -138,6 +141,15 @@ pub enum ChildRole {
 }
 
 impl ChildRole {
+    /// [`ChildRole::child_perms`] for a parent that may have no parents of its own: a
+    /// copy-before-write filter nobody uses yet takes nothing of its source and shares all.
+    pub fn child_perms_of(self, perm: Perm, shared: Perm, has_parents: bool) -> (Perm, Perm) {
+        match self {
+            ChildRole::CbwSource { .. } if !has_parents => (Perm::NONE, Perm::ALL),
+            _ => self.child_perms(perm, shared),
+        }
+    }
+
     /// The (perm, shared) for a child edge given the parent's cumulative sets.
     pub fn child_perms(self, perm: Perm, shared: Perm) -> (Perm, Perm) {
         match self {
@@ -146,6 +158,7 @@ impl ChildRole {
                 perm | Perm::CONSISTENT_READ | if discard { Perm::WRITE } else { Perm::NONE },
                 Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
             ),
+            ChildRole::Snapshot => (Perm::NONE, Perm::ALL),
             ChildRole::CbwTarget => (
                 Perm::WRITE,
                 Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED,

@@ -68,13 +68,17 @@ fn start_exported(dir: &Path) -> (Daemon, Qmp, String) {
         "type=nbd,id=e0,node-name=src,name=disk,writable=on".to_string(),
     ];
     let (daemon, qmp) = start_with(dir, "qcow2", "qcow2", &extra);
-    // The monitor's socket can appear before the NBD server's.
+    wait_path(&sock);
+    (daemon, qmp, format!("nbd+unix:///disk?socket={sock}"))
+}
+
+/// Waits for the NBD server's socket (the monitor's can appear first).
+fn wait_path(path: &str) {
     let deadline = std::time::Instant::now() + LIMIT;
-    while !Path::new(&sock).exists() {
-        assert!(std::time::Instant::now() < deadline, "no NBD socket");
+    while !Path::new(path).exists() {
+        assert!(std::time::Instant::now() < deadline, "no {path}");
         std::thread::sleep(Duration::from_millis(10));
     }
-    (daemon, qmp, format!("nbd+unix:///disk?socket={sock}"))
 }
 
 /// Runs a backup to its end and returns the BLOCK_JOB_COMPLETED event.
@@ -689,29 +693,25 @@ fn max_chunk_bounds_the_bytes_of_one_copy() {
     }
 }
 
+/// An 8 MiB qcow2 `src.img` with `writes` (qemu-io commands), a copy of it `orig.img` and an
+/// empty qcow2 `tgt.img`; returns the three paths.
+fn qcow2_images(dir: &Path, writes: &[&str]) -> (String, String, String) {
+    let (src, tgt, orig) = (p(dir, "src.img"), p(dir, "tgt.img"), p(dir, "orig.img"));
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &src, "8M"]);
+    let mut args: Vec<&str> = writes.iter().flat_map(|w| ["-c", w]).collect();
+    args.push(&src);
+    run("qemu-io", &args);
+    std::fs::copy(&src, &orig).unwrap();
+    run("qemu-img", &["create", "-q", "-f", "qcow2", &tgt, "8M"]);
+    (src, tgt, orig)
+}
+
 /// `discard-source`: each copied range is discarded on the source (which allows it with
 /// `discard=unmap`); the target holds what the source held.
 #[test]
 fn discard_source_empties_the_source_behind_the_copy() {
     let dir = tempfile::tempdir().unwrap();
-    let (src, tgt, orig) = (
-        p(dir.path(), "src.img"),
-        p(dir.path(), "tgt.img"),
-        p(dir.path(), "orig.img"),
-    );
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &src, "8M"]);
-    run(
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 0x21 0 3M",
-            "-c",
-            "write -P 0x22 5M 2M",
-            &src,
-        ],
-    );
-    std::fs::copy(&src, &orig).unwrap();
-    run("qemu-img", &["create", "-q", "-f", "qcow2", &tgt, "8M"]);
+    let (src, tgt, orig) = qcow2_images(dir.path(), &["write -P 0x21 0 3M", "write -P 0x22 5M 2M"]);
     let args = [
         "--blockdev".to_string(),
         format!("driver=file,node-name=sf,filename={src},discard=unmap"),
@@ -743,4 +743,137 @@ fn discard_source_empties_the_source_behind_the_copy() {
             .all(|e| e["data"] == json!(false)),
         "nothing left in the source: {map}"
     );
+}
+
+/// Fleecing: a `copy-before-write` node over the source with a qcow2 temporary image (backed
+/// by the source) as target, and a `snapshot-access` node over it, exported over NBD. The
+/// disk stays live through an export of the filter; the snapshot export keeps showing the
+/// data of the moment the filter was added, and only the overwritten clusters land in the
+/// temporary image.
+#[test]
+fn fleecing_exports_a_point_in_time_while_the_disk_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let (src, tmp, orig) = qcow2_images(dir.path(), &["write -P 0x11 0 4M", "write -P 0x12 6M 1M"]);
+    let sock = p(dir.path(), "nbd.sock");
+    let extra = [
+        "--nbd-server".to_string(),
+        format!("addr.type=unix,addr.path={sock}"),
+    ];
+    // The temporary image reads as the source where it holds nothing.
+    let (daemon, mut qmp) = start_with(dir.path(), "qcow2", "qcow2,backing=src", &extra);
+    wait_path(&sock);
+    qmp.execute(
+        "blockdev-add",
+        json!({"driver": "copy-before-write", "node-name": "cbw", "file": "src", "target": "tgt"}),
+    )
+    .expect("copy-before-write");
+    qmp.execute(
+        "blockdev-add",
+        json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}),
+    )
+    .expect("snapshot-access");
+    for (id, node, name, writable) in [("d", "cbw", "disk", true), ("s", "acc", "snap", false)] {
+        qmp.execute(
+            "block-export-add",
+            json!({"type": "nbd", "id": id, "node-name": node, "name": name, "writable": writable}),
+        )
+        .expect("block-export-add");
+    }
+    let disk = format!("nbd+unix:///disk?socket={sock}");
+    let snap = format!("nbd+unix:///snap?socket={sock}");
+    run(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x99 0 1M",
+            "-c",
+            "write -P 0x98 3140k 8k",
+            "-c",
+            "write -z 6M 64k",
+            "-c",
+            "write -P 0x97 7M 64k",
+            &disk,
+        ],
+    );
+    // The disk has the new data, the snapshot the old.
+    run(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "raw",
+            "-c",
+            "read -P 0x99 0 1M",
+            "-c",
+            "read -P 0x98 3140k 8k",
+            &disk,
+        ],
+    );
+    run(
+        "qemu-img",
+        &["compare", "-q", "-f", "raw", "-F", "qcow2", &snap, &orig],
+    );
+    let changed = Command::new("qemu-img")
+        .args(["compare", "-q", "-f", "raw", "-F", "qcow2", &disk, &orig])
+        .status()
+        .unwrap();
+    assert!(!changed.success(), "the disk changed");
+    // Writing the snapshot is refused; the disk goes on taking writes.
+    let refused = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 1 0 4k", &snap])
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success() || String::from_utf8_lossy(&refused.stdout).contains("failed"),
+        "snapshot write: {refused:?}"
+    );
+    run(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x96 2M 64k", &disk],
+    );
+    run(
+        "qemu-img",
+        &["compare", "-q", "-f", "raw", "-F", "qcow2", &snap, &orig],
+    );
+    let nodes = qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let cbw = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == json!("cbw"))
+        .unwrap();
+    // 1M + 64k (the 8k write) + 64k + 64k + 64k copied, of 8M.
+    let copied = (1 << 20) + 4 * (64 << 10);
+    assert_eq!(
+        cbw["dirty-bitmaps"][1]["count"],
+        json!(copied),
+        "copied clusters: {cbw}"
+    );
+    assert_eq!(cbw["dirty-bitmaps"][2]["count"], json!((8 << 20) - copied));
+    for id in ["d", "s"] {
+        qmp.execute("block-export-del", json!({"id": id})).unwrap();
+        qmp.wait_event("BLOCK_EXPORT_DELETED", LIMIT).unwrap();
+    }
+    for node in ["acc", "cbw", "tgt", "tf"] {
+        qmp.execute("blockdev-del", json!({"node-name": node}))
+            .expect("blockdev-del");
+    }
+    quit(daemon, qmp);
+    run("qemu-img", &["check", "-q", &src]);
+    run("qemu-img", &["check", "-q", &tmp]);
+    // Only the overwritten clusters were copied into the temporary image.
+    let map = run("qemu-img", &["map", "--output=json", "-f", "qcow2", &tmp]);
+    let map: Value = serde_json::from_slice(&map.stdout).unwrap();
+    let own: u64 = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["depth"] == json!(0) && e["present"] == json!(true))
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(own, copied, "{map}");
 }

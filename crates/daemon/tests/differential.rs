@@ -48,6 +48,7 @@ scenarios!(
     blockdev_create,
     cmdline_blockdev,
     drive_backup,
+    fleecing,
     job_verbs,
     malformed_input,
     nbd_exports,

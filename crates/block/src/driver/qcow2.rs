@@ -475,6 +475,7 @@ impl BlockDriver for Qcow2Driver {
             backing_filename: header.backing_file.clone(),
             full_backing_filename: full,
             backing_filename_format: header.extensions.backing_format.clone(),
+            dirty_bitmaps: Vec::new(),
         }
     }
 
