@@ -107,6 +107,8 @@ pub enum Error {
     UnsupportedPreallocation(&'static str),
     #[error("Image format driver does not support resize")]
     ResizeNotSupported,
+    #[error("Operation not supported")]
+    OperationNotSupported,
     #[error("Driver does not support x-blockdev-amend")]
     AmendNotSupported,
     #[error("x-blockdev-amend doesn't support changing the block driver")]
@@ -169,6 +171,7 @@ impl Error {
             BackingOpen(inner) => inner.kind(),
             RawFixedSize
             | ResizeNotSupported
+            | OperationNotSupported
             | UnsupportedPreallocation(_)
             | AmendNotSupported
             | AmendChangesDriver => ErrorKind::NotSupported,
@@ -194,6 +197,7 @@ impl Error {
             }
             Error::OutOfRange { .. } => Some(libc::EIO),
             Error::NodeReadOnly | Error::ImageReadOnly => Some(libc::EPERM),
+            Error::OperationNotSupported => Some(libc::ENOTSUP),
             _ => None,
         }
     }

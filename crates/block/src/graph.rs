@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use crate::driver::blkdebug;
+use crate::driver::cbw::{CbwDriver, CbwState, SnapshotAccessDriver};
 use crate::driver::file::{FileDriver, FileOpenFlags};
 use crate::driver::null::NullDriver;
 use crate::driver::raw::RawDriver;
@@ -18,7 +19,7 @@ use crate::driver::{BlockDriver, Extent, WriteFlags, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::node::{cumulative, Child, Node, NodeFlags, NodeHold, NodeInfo, ParentEdge, ParentKey};
 use crate::options::{
-    BlkdebugOptions, BlockdevOptions, BlockdevRef, DetectZeroes, Discard, DriverOptions,
+    BlkdebugOptions, BlockdevOptions, BlockdevRef, CbwOptions, DetectZeroes, Discard, DriverOptions,
 };
 use crate::perm::{ChildRole, Perm};
 
@@ -394,7 +395,8 @@ impl BlockGraph {
                     perm: Perm::NONE,
                     shared: Perm::ALL,
                 };
-                let (perm, shared) = child.role.child_perms(edge.perm, edge.shared);
+                // A new node has no parents yet.
+                let (perm, shared) = child.role.child_perms_of(edge.perm, edge.shared, false);
                 let edge = ParentEdge {
                     perm,
                     shared,
@@ -425,6 +427,21 @@ impl BlockGraph {
     ) -> Result<Opened> {
         match opts {
             DriverOptions::Blkdebug(blkdebug) => self.open_blkdebug(blkdebug, flags, name).await,
+            DriverOptions::CopyBeforeWrite(cbw) => self.open_cbw(cbw, flags).await,
+            DriverOptions::SnapshotAccess(access) => {
+                let child = self.open_child(&access.file, flags.read_only).await?;
+                let driver = SnapshotAccessDriver::new(child.clone());
+                Ok(Opened {
+                    driver: Box::new(driver),
+                    children: vec![Child {
+                        name: "file".into(),
+                        node: child,
+                        role: ChildRole::Snapshot,
+                    }],
+                    flags,
+                    position: None,
+                })
+            }
             DriverOptions::File(file) => {
                 let open_flags = FileOpenFlags {
                     read_only: flags.read_only,
@@ -464,6 +481,59 @@ impl BlockGraph {
                 }
             }
         }
+    }
+
+    /// Opens a `copy-before-write` node: its `file` (the source), its `target`, then the
+    /// copy state, whose cluster is the largest of 64 KiB, the target's cluster and
+    /// `min-cluster-size`, as QEMU's.
+    async fn open_cbw(&mut self, opts: &CbwOptions, flags: NodeFlags) -> Result<Opened> {
+        let source = self.open_child(&opts.file, flags.read_only).await?;
+        let target = match self.open_child(&opts.target, false).await {
+            Ok(target) => target,
+            Err(err) => {
+                self.forget_orphan(&source).await;
+                return Err(err);
+            }
+        };
+        let min = opts.min_cluster_size.unwrap_or(0);
+        let refused = if let Some(bitmap) = &opts.bitmap {
+            // No node keeps named dirty bitmaps here.
+            Some(Error::FormatOption(format!(
+                "Dirty bitmap '{}' not found",
+                bitmap.name
+            )))
+        } else if min != 0 && !min.is_power_of_two() {
+            Some(Error::FormatOption(
+                "Cannot create block-copy-state: min-cluster-size needs to be a power of 2".into(),
+            ))
+        } else if min > 1 << 31 {
+            Some(Error::FormatOption(
+                "Cannot create block-copy-state: min-cluster-size must be at most 2 GiB".into(),
+            ))
+        } else {
+            None
+        };
+        if let Some(err) = refused {
+            self.forget_orphan(&target).await;
+            self.forget_orphan(&source).await;
+            return Err(err);
+        }
+        let cluster = min
+            .max(64 << 10)
+            .max(target.driver().info().cluster_size.unwrap_or(0));
+        let state = CbwState::new(
+            source,
+            target,
+            cluster,
+            opts.on_cbw_error.unwrap_or_default(),
+        );
+        let driver = CbwDriver::new(Arc::new(state));
+        Ok(Opened {
+            children: driver.children(),
+            driver: Box::new(driver),
+            flags,
+            position: None,
+        })
     }
 
     /// Opens a `blkdebug` node: its options and rules, then its `image` child, then the
@@ -508,6 +578,12 @@ impl BlockGraph {
         self.implicit_counter += 1;
         *slot = Some(name.clone());
         name
+    }
+
+    /// Takes the next anonymous `#block…` name without making a node: QEMU names a node it
+    /// opens and closes again at once (a filter whose job is refused) all the same.
+    pub fn consume_anonymous_name(&mut self) {
+        self.name_now(&mut None);
     }
 
     /// The child a `BlockdevRef` names: an existing node, or a new implicit one that
@@ -894,10 +970,11 @@ impl BlockGraph {
 
 /// Sets the edges from `node` to its children from `node`'s current parents.
 fn recompute_children(node: &Arc<Node>) -> Result<()> {
-    let (perm, shared) = cumulative(&node.parents());
+    let parents = node.parents();
+    let (perm, shared) = cumulative(&parents);
     for child in node.children() {
         let key = ParentKey::Node(node.name().to_string());
-        let (cp, cs) = child.role.child_perms(perm, shared);
+        let (cp, cs) = child.role.child_perms_of(perm, shared, !parents.is_empty());
         let edge = ParentEdge {
             key: key.clone(),
             desc: format!("node '{}'", node.name()),

@@ -145,6 +145,8 @@ pub struct NodeInfo {
     pub detect_zeroes: DetectZeroes,
     pub cache: CacheInfo,
     pub write_threshold: u64,
+    /// `dirty-bitmaps`, left out when empty.
+    pub dirty_bitmaps: Vec<crate::driver::DirtyBitmapInfo>,
     pub image: ImageInfo,
 }
 
@@ -311,6 +313,18 @@ impl Node {
         self.driver.write(offset, buf, flags).await
     }
 
+    /// Writes whole clusters compressed (see [`BlockDriver::write_compressed`]).
+    pub async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        if buf.is_empty() {
+            return Ok(());
+        }
+        self.check_writable()?;
+        self.check_range(offset, buf.len() as u64)?;
+        let _in = self.gate.enter().await;
+        self.wrote();
+        self.driver.write_compressed(offset, buf).await
+    }
+
     /// Writes `buf` at `offset` for a parent format driver, growing the node when the write
     /// runs past its end and the driver can grow that way (see
     /// [`BlockDriver::grows_on_write`]); `false` when it cannot, so the caller resizes first.
@@ -423,11 +437,17 @@ impl Node {
             .map(|c| &c.node)
     }
 
-    /// The child a filter driver passes requests to (blkdebug's `image`).
+    /// The child a filter driver passes requests to (blkdebug's `image`, copy-before-write's
+    /// `file`).
     pub fn filtered(&self) -> Option<&Arc<Node>> {
         self.children
             .iter()
-            .find(|c| matches!(c.role, ChildRole::Debug { .. }))
+            .find(|c| {
+                matches!(
+                    c.role,
+                    ChildRole::Debug { .. } | ChildRole::CbwSource { .. }
+                )
+            })
             .map(|c| &c.node)
     }
 
@@ -470,6 +490,7 @@ impl Node {
                 no_flush: self.flags.no_flush,
             },
             write_threshold: self.write_threshold(),
+            dirty_bitmaps: extra.dirty_bitmaps,
             image: ImageInfo {
                 filename,
                 format: self.driver.name(),

@@ -79,10 +79,12 @@ impl DetectZeroes {
 #[non_exhaustive]
 pub enum DriverOptions {
     Blkdebug(Box<BlkdebugOptions>),
+    CopyBeforeWrite(Box<CbwOptions>),
     File(FileOptions),
     Raw(RawOptions),
     NullCo(NullOptions),
     Qcow2(Box<Qcow2Options>),
+    SnapshotAccess(SnapshotAccessOptions),
 }
 
 impl DriverOptions {
@@ -90,6 +92,8 @@ impl DriverOptions {
     pub fn driver_name(&self) -> &'static str {
         match self {
             DriverOptions::Blkdebug(_) => "blkdebug",
+            DriverOptions::CopyBeforeWrite(_) => "copy-before-write",
+            DriverOptions::SnapshotAccess(_) => "snapshot-access",
             DriverOptions::File(_) => "file",
             DriverOptions::Raw(_) => "raw",
             DriverOptions::NullCo(_) => "null-co",
@@ -129,6 +133,32 @@ pub struct FileOptions {
     pub aio_max_batch: Option<i64>,
     pub drop_cache: Option<bool>,
     pub x_check_cache_dropped: Option<bool>,
+}
+
+/// `BlockdevOptionsCbw`: a copy-before-write filter over `file` copying to `target`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(rename_all = "kebab-case")]
+pub struct CbwOptions {
+    pub file: BlockdevRef,
+    pub target: BlockdevRef,
+    pub bitmap: Option<DirtyBitmapRef>,
+    pub on_cbw_error: Option<crate::driver::cbw::OnCbwError>,
+    /// Seconds a copy before a guest write may take (0: no limit).
+    pub cbw_timeout: Option<u32>,
+    pub min_cluster_size: Option<u64>,
+}
+
+/// `BlockDirtyBitmap`: a bitmap by node and name.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct DirtyBitmapRef {
+    pub node: String,
+    pub name: String,
+}
+
+/// `BlockdevOptionsGenericFormat` of `snapshot-access`: `file` is a copy-before-write node.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct SnapshotAccessOptions {
+    pub file: BlockdevRef,
 }
 
 /// `BlockdevOptionsBlkdebug`. The size limits stay signed as QMP gives them: QEMU refuses

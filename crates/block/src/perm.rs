@@ -121,10 +121,17 @@ pub enum ChildRole {
     },
     /// The source below a copy-before-write filter: the filter's users' permissions plus
     /// consistent reads (it copies old data); nobody else may write or resize it, or the
-    /// copy would miss the change.
-    CbwSource,
+    /// copy would miss the change. With `discard` (backup's `discard-source`) the filter
+    /// writes it too: copied clusters are discarded.
+    CbwSource {
+        /// The source is discarded behind the copy.
+        discard: bool,
+    },
     /// The target a copy-before-write filter copies to: written; others may read and write.
     CbwTarget,
+    /// `snapshot-access`'s copy-before-write node: it reads the snapshot through the
+    /// filter's state, not through the node, so it takes nothing and shares everything.
+    Snapshot,
     /// A `backing` child: read when the parent's users need consistent reads; others
     /// may change it only when the parent's users allow writes.
     Cow,
@@ -134,14 +141,24 @@ pub enum ChildRole {
 }
 
 impl ChildRole {
+    /// [`ChildRole::child_perms`] for a parent that may have no parents of its own: a
+    /// copy-before-write filter nobody uses yet takes nothing of its source and shares all.
+    pub fn child_perms_of(self, perm: Perm, shared: Perm, has_parents: bool) -> (Perm, Perm) {
+        match self {
+            ChildRole::CbwSource { .. } if !has_parents => (Perm::NONE, Perm::ALL),
+            _ => self.child_perms(perm, shared),
+        }
+    }
+
     /// The (perm, shared) for a child edge given the parent's cumulative sets.
     pub fn child_perms(self, perm: Perm, shared: Perm) -> (Perm, Perm) {
         match self {
             ChildRole::Filtered => (perm, shared),
-            ChildRole::CbwSource => (
-                perm | Perm::CONSISTENT_READ,
+            ChildRole::CbwSource { discard } => (
+                perm | Perm::CONSISTENT_READ | if discard { Perm::WRITE } else { Perm::NONE },
                 Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED,
             ),
+            ChildRole::Snapshot => (Perm::NONE, Perm::ALL),
             ChildRole::CbwTarget => (
                 Perm::WRITE,
                 Perm::CONSISTENT_READ | Perm::WRITE | Perm::WRITE_UNCHANGED,

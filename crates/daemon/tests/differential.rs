@@ -39,13 +39,16 @@ macro_rules! scenarios {
 
 scenarios!(
     backup,
+    backup_enospc,
     backup_faults,
+    backup_options,
     backup_quit,
     blkdebug,
     blockdev,
     blockdev_create,
     cmdline_blockdev,
     drive_backup,
+    fleecing,
     job_verbs,
     malformed_input,
     nbd_exports,

@@ -345,6 +345,17 @@ impl JobContext {
         self.pause_point().await
     }
 
+    /// Whether the speed limit lets new work start now (a worker that starts several copies
+    /// asks before each, as QEMU's block-copy does).
+    pub fn may_start(&self) -> bool {
+        self.shared.limit().delay(Instant::now()).is_zero()
+    }
+
+    /// Accounts `bytes` of work that starts now against the speed limit, without waiting.
+    pub fn account(&self, bytes: u64) {
+        self.shared.limit().account(bytes, Instant::now());
+    }
+
     /// Accounts `bytes` of work against the speed limit and waits until more may be done.
     /// Always passes a pause point.
     pub async fn rate_limit(&self, bytes: u64) -> Result<(), Cancelled> {

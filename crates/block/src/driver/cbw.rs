@@ -12,18 +12,20 @@
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::io;
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::Notify;
 
-use super::{BlockDriver, DriverInfo, Extent, WriteFlags, ZeroFlags};
+use super::{BlockDriver, DirtyBitmapInfo, DriverInfo, Extent, WriteFlags, ZeroFlags};
 use crate::error::{Error, Result};
 use crate::filename::Filename;
 use crate::node::{Child, Node};
 use crate::perm::ChildRole;
 
 /// What happens to a guest write whose copy to the target fails (QEMU's `on-cbw-error`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum OnCbwError {
     /// Fail the guest write (the default).
     #[default]
@@ -40,6 +42,10 @@ pub struct CbwState {
     cluster: u64,
     len: u64,
     on_error: OnCbwError,
+    /// Clusters go to the target compressed (backup's `compress`).
+    compress: bool,
+    /// The source is discarded behind each copy (backup's `discard-source`).
+    discard_source: bool,
     inner: Mutex<Inner>,
     done: Notify,
 }
@@ -49,6 +55,13 @@ struct Inner {
     /// Bit `c` set: cluster `c` still has to be copied.
     todo: Vec<u64>,
     copying: HashSet<u64>,
+    /// Clusters `snapshot-access` is reading from the source, with the number of readers: a
+    /// guest write to them waits.
+    reading: HashMap<u64, u32>,
+    /// Bit `c` set: the snapshot still shows cluster `c` (`snapshot-access` did not discard it).
+    access: Vec<u64>,
+    /// Clusters copied so far.
+    copied: u64,
     /// A copy failed with `break-snapshot`: the target is no longer a point in time.
     broken: Option<String>,
     /// The filter stopped copying (the job ended).
@@ -65,21 +78,32 @@ enum Claim {
     Done,
 }
 
+fn bit(map: &[u64], c: u64) -> bool {
+    map.get((c / 64) as usize)
+        .is_some_and(|w| w & (1 << (c % 64)) != 0)
+}
+
+fn set_bit(map: &mut [u64], c: u64, on: bool) {
+    if let Some(w) = map.get_mut((c / 64) as usize) {
+        if on {
+            *w |= 1 << (c % 64);
+        } else {
+            *w &= !(1 << (c % 64));
+        }
+    }
+}
+
+fn ones(map: &[u64]) -> u64 {
+    map.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
 impl Inner {
     fn is_todo(&self, c: u64) -> bool {
-        self.todo
-            .get((c / 64) as usize)
-            .is_some_and(|w| w & (1 << (c % 64)) != 0)
+        bit(&self.todo, c)
     }
 
     fn set_todo(&mut self, c: u64, on: bool) {
-        if let Some(w) = self.todo.get_mut((c / 64) as usize) {
-            if on {
-                *w |= 1 << (c % 64);
-            } else {
-                *w &= !(1 << (c % 64));
-            }
-        }
+        set_bit(&mut self.todo, c, on);
     }
 }
 
@@ -101,14 +125,37 @@ impl CbwState {
             cluster,
             len,
             on_error,
+            compress: false,
+            discard_source: false,
             inner: Mutex::new(Inner {
+                access: todo.clone(),
                 todo,
                 copying: HashSet::new(),
+                reading: HashMap::new(),
+                copied: 0,
                 broken: None,
                 detached: false,
             }),
             done: Notify::new(),
         }
+    }
+
+    /// Copies write compressed clusters to the target (which must be able to).
+    pub fn with_compress(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
+    }
+
+    /// Each copied range is discarded on the source once it is on the target (the filter's
+    /// source edge then takes `write`, see [`CbwDriver::children`]).
+    pub fn with_discard_source(mut self, on: bool) -> Self {
+        self.discard_source = on;
+        self
+    }
+
+    /// Whether copies write compressed clusters.
+    pub fn compresses(&self) -> bool {
+        self.compress
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -149,11 +196,7 @@ impl CbwState {
 
     /// Clusters still to copy.
     pub fn remaining(&self) -> u64 {
-        self.lock()
-            .todo
-            .iter()
-            .map(|w| u64::from(w.count_ones()))
-            .sum()
+        ones(&self.lock().todo)
     }
 
     /// Why the point in time was lost, if a copy failed under `break-snapshot`.
@@ -172,7 +215,7 @@ impl CbwState {
         if inner.detached {
             return Claim::Done;
         }
-        if inner.copying.contains(&c) {
+        if inner.copying.contains(&c) || inner.reading.contains_key(&c) {
             return Claim::Busy;
         }
         if !inner.is_todo(c) {
@@ -191,6 +234,9 @@ impl CbwState {
                 if !copied {
                     inner.set_todo(c, true);
                 }
+            }
+            if copied {
+                inner.copied += n;
             }
         }
         self.done.notify_waiters();
@@ -261,8 +307,16 @@ impl CbwState {
                 .block_status(pos, end - pos)
                 .await
                 .map_err(read)?;
-            let len = status.len.clamp(1, end - pos);
-            if status.zero {
+            // Whole clusters: a run shorter than one is copied as data, a longer one is cut
+            // back to whole clusters (the rest is looked at again).
+            let mut len = status.len.clamp(1, end - pos);
+            let zero = status.zero && (len >= self.cluster || pos + len == end);
+            if len < self.cluster {
+                len = self.cluster.min(end - pos);
+            } else if pos + len < end {
+                len -= len % self.cluster;
+            }
+            if zero {
                 let flags = ZeroFlags {
                     may_unmap: true,
                     no_fallback: false,
@@ -275,14 +329,125 @@ impl CbwState {
             } else {
                 let mut buf = vec![0u8; len as usize];
                 self.source.read(pos, &mut buf).await.map_err(read)?;
-                self.target
-                    .write(pos, &buf, WriteFlags::default())
-                    .await
-                    .map_err(write)?;
+                let written = if self.compress {
+                    self.target.write_compressed(pos, &buf).await
+                } else {
+                    self.target.write(pos, &buf, WriteFlags::default()).await
+                };
+                written.map_err(write)?;
             }
             pos += len;
         }
+        if self.discard_source {
+            // The copy is safe on the target; a source that cannot discard keeps its data.
+            let _ = self.source.discard(start, end - start).await;
+        }
         Ok(end - start)
+    }
+
+    /// Bytes of `clusters` clusters counted as QEMU's bitmaps count them (the last cluster
+    /// only up to the end of the source).
+    fn bytes_of(&self, clusters: u64, last_included: bool) -> u64 {
+        let tail = self.clusters() * self.cluster - self.len;
+        (clusters * self.cluster).saturating_sub(if last_included { tail } else { 0 })
+    }
+
+    /// The filter's three bitmaps as `query-named-block-nodes` lists them: what the snapshot
+    /// still shows, what was copied, what is still to copy.
+    pub fn bitmaps(&self) -> Vec<DirtyBitmapInfo> {
+        let inner = self.lock();
+        let last = self.clusters().saturating_sub(1);
+        let last_copied = !bit(&inner.todo, last) && bit(&inner.access, last);
+        [
+            self.bytes_of(ones(&inner.access), bit(&inner.access, last)),
+            self.bytes_of(inner.copied, inner.copied > 0 && last_copied),
+            self.bytes_of(ones(&inner.todo), bit(&inner.todo, last)),
+        ]
+        .into_iter()
+        .map(|count| DirtyBitmapInfo {
+            granularity: self.cluster,
+            count,
+        })
+        .collect()
+    }
+
+    /// Reads the point-in-time view (`snapshot-access`): a cluster not copied yet comes from
+    /// the source, which no guest write changes meanwhile; a copied one from the target.
+    pub async fn snapshot_read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let end = offset + buf.len() as u64;
+        let mut pos = offset;
+        while pos < end {
+            let c = pos / self.cluster;
+            let stop = ((c + 1) * self.cluster).min(end);
+            let part = &mut buf[(pos - offset) as usize..(stop - offset) as usize];
+            let from_source = loop {
+                let woken = self.done.notified();
+                tokio::pin!(woken);
+                woken.as_mut().enable();
+                {
+                    let mut inner = self.lock();
+                    if inner.broken.is_some() || !bit(&inner.access, c) {
+                        return Err(Error::Io(io::Error::from_raw_os_error(libc::EACCES)));
+                    }
+                    if !inner.copying.contains(&c) {
+                        let todo = inner.is_todo(c);
+                        if todo {
+                            *inner.reading.entry(c).or_insert(0) += 1;
+                        }
+                        break todo;
+                    }
+                }
+                woken.await;
+            };
+            if from_source {
+                let read = self.source.read(pos, part).await;
+                {
+                    let mut inner = self.lock();
+                    if let Some(n) = inner.reading.get_mut(&c) {
+                        *n -= 1;
+                        if *n == 0 {
+                            inner.reading.remove(&c);
+                        }
+                    }
+                }
+                self.done.notify_waiters();
+                read?;
+            } else {
+                self.target.read(pos, part).await?;
+            }
+            pos = stop;
+        }
+        Ok(())
+    }
+
+    /// The snapshot no longer needs the whole clusters in `offset..offset + len`: they are
+    /// not copied any more and read as an error; the target drops them.
+    pub async fn snapshot_discard(&self, offset: u64, len: u64) -> Result<()> {
+        let end = offset.saturating_add(len).min(self.len);
+        let first = offset.div_ceil(self.cluster);
+        let last = if end == self.len {
+            self.clusters()
+        } else {
+            end / self.cluster
+        };
+        if first >= last {
+            return Ok(());
+        }
+        {
+            let mut inner = self.lock();
+            for c in first..last {
+                if !inner.copying.contains(&c) {
+                    inner.set_todo(c, false);
+                }
+                set_bit(&mut inner.access, c, false);
+            }
+        }
+        let start = first * self.cluster;
+        let stop = (last * self.cluster).min(self.len).min(self.target.size());
+        if stop > start {
+            self.target.discard(start, stop - start).await?;
+        }
+        Ok(())
     }
 
     /// Before the guest changes `offset..offset + len`: copy what the backup still needs.
@@ -333,7 +498,9 @@ impl CbwDriver {
             Child {
                 name: "file".into(),
                 node: self.source.clone(),
-                role: ChildRole::CbwSource,
+                role: ChildRole::CbwSource {
+                    discard: self.state.discard_source,
+                },
             },
             Child {
                 name: "target".into(),
@@ -399,9 +566,100 @@ impl BlockDriver for CbwDriver {
     }
 
     fn info(&self) -> DriverInfo {
+        // QEMU asks the filtered node for the image details.
+        let source = self.source.driver().info();
         DriverInfo {
-            actual_size: self.source.driver().info().actual_size,
+            actual_size: source.actual_size,
             dirty_flag: Some(false),
+            cluster_size: source.cluster_size,
+            dirty_bitmaps: self.state.bitmaps(),
+            ..DriverInfo::default()
+        }
+    }
+
+    fn snapshot(&self) -> Option<Arc<CbwState>> {
+        Some(self.state.clone())
+    }
+}
+
+/// `snapshot-access`: the point in time a copy-before-write node (its `file`) keeps, read
+/// only (fleecing). Discards tell the filter that the snapshot no longer needs a range.
+#[derive(Debug)]
+pub struct SnapshotAccessDriver {
+    file: Arc<Node>,
+}
+
+impl SnapshotAccessDriver {
+    /// A view of `file`'s snapshot (reads fail unless `file` is a copy-before-write node).
+    pub fn new(file: Arc<Node>) -> Self {
+        Self { file }
+    }
+
+    fn state(&self) -> Result<Arc<CbwState>> {
+        self.file
+            .driver()
+            .snapshot()
+            .ok_or(Error::OperationNotSupported)
+    }
+}
+
+#[async_trait]
+impl BlockDriver for SnapshotAccessDriver {
+    fn name(&self) -> &'static str {
+        "snapshot-access"
+    }
+
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+
+    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.state()?.snapshot_read(offset, buf).await
+    }
+
+    async fn write(&self, _offset: u64, _buf: &[u8], _flags: WriteFlags) -> Result<()> {
+        Err(Error::OperationNotSupported)
+    }
+
+    async fn write_zeroes(&self, _offset: u64, _len: u64, _flags: ZeroFlags) -> Result<()> {
+        Err(Error::OperationNotSupported)
+    }
+
+    async fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.state()?.snapshot_discard(offset, len).await
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    async fn block_status(&self, _offset: u64, len: u64) -> Result<Extent> {
+        Ok(Extent {
+            data: true,
+            zero: false,
+            allocated: true,
+            len,
+        })
+    }
+
+    async fn truncate(&self, _size: u64) -> Result<()> {
+        Err(Error::ResizeNotSupported)
+    }
+
+    fn filename(&self) -> Filename {
+        let file = self.file.driver().filename();
+        let mut options = Map::new();
+        options.insert("driver".into(), Value::from("snapshot-access"));
+        options.insert("file".into(), Value::Object(file.options));
+        Filename {
+            exact: file.exact,
+            options,
+        }
+    }
+
+    fn info(&self) -> DriverInfo {
+        DriverInfo {
+            actual_size: self.file.driver().info().actual_size,
             ..DriverInfo::default()
         }
     }

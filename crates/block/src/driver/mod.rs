@@ -98,6 +98,17 @@ pub struct DriverInfo {
     pub full_backing_filename: Option<String>,
     /// The backing format the image header stores.
     pub backing_filename_format: Option<String>,
+    /// Anonymous bitmaps the driver keeps (`dirty-bitmaps`; copy-before-write has three).
+    pub dirty_bitmaps: Vec<DirtyBitmapInfo>,
+}
+
+/// One entry of `dirty-bitmaps`: an anonymous bitmap, not recording, not persistent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirtyBitmapInfo {
+    /// Bytes per bit.
+    pub granularity: u64,
+    /// Bytes set.
+    pub count: u64,
 }
 
 /// What a node's driver can do. One implementation per QMP `driver` value.
@@ -119,6 +130,17 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     /// covers the write). Parent format drivers use it to append without a resize each time.
     fn grows_on_write(&self) -> bool {
         false
+    }
+    /// Whether the driver writes compressed clusters (QEMU: it has compressed writes), which
+    /// backup's `compress` needs of its target.
+    fn can_compress(&self) -> bool {
+        false
+    }
+    /// Writes `buf` at `offset` compressed: `offset` is cluster aligned and `buf` whole
+    /// clusters, the last one possibly ending at the end of the disk. A cluster that does not
+    /// compress is written as it is.
+    async fn write_compressed(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
+        Err(Error::OperationNotSupported)
     }
     /// Makes `len` bytes at `offset` read as zeroes.
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()>;
@@ -146,6 +168,11 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     /// A debug event raised on this node (by the node itself, a parent or the block
     /// layer); only `blkdebug` acts on it.
     fn debug_event(&self, _event: DebugEvent) {}
+    /// The point-in-time view a copy-before-write filter keeps, which `snapshot-access`
+    /// nodes above it read.
+    fn snapshot(&self) -> Option<std::sync::Arc<cbw::CbwState>> {
+        None
+    }
     /// Whether the driver implements `x-blockdev-amend`.
     fn can_amend(&self) -> bool {
         false

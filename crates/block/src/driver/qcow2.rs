@@ -354,6 +354,23 @@ impl BlockDriver for Qcow2Driver {
         Ok(())
     }
 
+    fn can_compress(&self) -> bool {
+        true
+    }
+
+    async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        // One cluster at a time, as the format stores them.
+        let cs = self.image.cluster_size() as usize;
+        for (i, cluster) in buf.chunks(cs).enumerate() {
+            self.file.debug_event(DebugEvent::WriteCompressed);
+            self.image
+                .write_compressed(offset + (i * cs) as u64, cluster)
+                .await
+                .map_err(format_error)?;
+        }
+        Ok(())
+    }
+
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
         let reader = self.backing_reader();
         let backing = reader.as_ref().map(|r| r as &dyn qcow2::Backing);
@@ -458,6 +475,7 @@ impl BlockDriver for Qcow2Driver {
             backing_filename: header.backing_file.clone(),
             full_backing_filename: full,
             backing_filename_format: header.extensions.backing_format.clone(),
+            dirty_bitmaps: Vec::new(),
         }
     }
 

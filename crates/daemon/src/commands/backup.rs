@@ -23,10 +23,10 @@ use crate::control::State;
 
 /// Copy unit when the target does not ask for another (QEMU's backup default).
 const DEFAULT_CLUSTER: u64 = 64 << 10;
-/// Copies the job runs at once.
-const IN_FLIGHT: usize = 8;
-/// Most clusters one copy takes (1 MiB with 64 KiB clusters, QEMU's default chunk).
-const CHUNK_CLUSTERS: u64 = 16;
+/// Copies the job runs at once unless `x-perf` says otherwise (QEMU's default workers).
+const DEFAULT_WORKERS: usize = 64;
+/// Most bytes one copy takes (QEMU's buffer for a read-and-write copy).
+const MAX_CHUNK: u64 = 1 << 20;
 
 #[derive(Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -47,6 +47,41 @@ struct BackupArgs {
     auto_finalize: Option<bool>,
     auto_dismiss: Option<bool>,
     filter_node_name: Option<String>,
+    discard_source: Option<bool>,
+    x_perf: Option<Perf>,
+}
+
+/// `BackupPerf`: how the job copies.
+#[derive(Clone, Copy, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Perf {
+    /// Accepted; copies are reads and writes, which is what QEMU falls back to whenever the
+    /// two nodes cannot offload the copy.
+    #[allow(dead_code)]
+    use_copy_range: Option<bool>,
+    max_workers: Option<i64>,
+    max_chunk: Option<i64>,
+}
+
+impl Perf {
+    /// QEMU's checks of the values before anything is set up.
+    fn check(&self) -> Result<(), QmpError> {
+        if self
+            .max_workers
+            .is_some_and(|w| !(1..=i64::from(i32::MAX)).contains(&w))
+        {
+            return Err(QmpError::generic(format!(
+                "max-workers must be between 1 and {}",
+                i32::MAX
+            )));
+        }
+        if self.max_chunk.is_some_and(|c| c < 0) {
+            return Err(QmpError::generic(
+                "max-chunk must be zero (which means no limit) or positive",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Which part of the source the job copies.
@@ -75,6 +110,10 @@ struct BackupJob {
     sync: Sync,
     on_source_error: OnError,
     on_target_error: OnError,
+    /// Copies in flight at most (`x-perf.max-workers`).
+    workers: usize,
+    /// Clusters one copy takes at most (`x-perf.max-chunk`, 1 with `compress`).
+    chunk_clusters: u64,
     held: Mutex<Option<Held>>,
     /// An implicit target node (`drive-backup`) to close when the job ends.
     release_target: Option<String>,
@@ -110,17 +149,26 @@ impl BackupJob {
         let mut set = JoinSet::new();
         let mut next = 0;
         let clusters = self.state.clusters();
+        let cs = self.state.cluster_size();
         let mut clean = true;
         loop {
-            while set.len() < IN_FLIGHT && next < clusters {
-                let n = self.state.claim_run(next, CHUNK_CLUSTERS);
+            // Start copies while workers are free and the speed limit allows; a copy's bytes
+            // count against the limit when it starts.
+            while set.len() < self.workers && next < clusters && ctx.may_start() {
+                let n = self.state.claim_run(next, self.chunk_clusters);
                 if n > 0 {
+                    ctx.account(n * cs);
                     set.spawn(Self::copy(self.state.clone(), next, n));
                 }
                 next += n.max(1);
             }
             let Some(done) = set.join_next().await else {
-                return Ok(clean);
+                if next >= clusters {
+                    return Ok(clean);
+                }
+                // Nothing in flight: wait until the speed limit lets the next copy start.
+                ctx.rate_limit(0).await.map_err(String::from)?;
+                continue;
             };
             let done = done.map_err(|e| format!("backup worker failed: {e}"))?;
             match done {
@@ -128,7 +176,7 @@ impl BackupJob {
                     if bytes > 0 {
                         ctx.progress_add(bytes);
                     }
-                    ctx.rate_limit(bytes).await.map_err(String::from)?;
+                    ctx.pause_point().await.map_err(String::from)?;
                 }
                 Err(failure) => {
                     let (policy, op) = if failure.read {
@@ -412,23 +460,60 @@ async fn start(
     release_target: bool,
 ) -> Result<(), QmpError> {
     let speed = a.speed.unwrap_or(0);
-    if a.compress == Some(true) {
+    let compress = a.compress == Some(true);
+    if compress && !target.driver().can_compress() {
+        // QEMU names the target's device here, which a node has not.
         return Err(QmpError::generic(
             "Compression is not supported for this drive ",
         ));
     }
+    let perf = a.x_perf.unwrap_or_default();
+    perf.check()?;
     if source.size() != target.size() {
         return Err(QmpError::generic(
             "Source and target image have different sizes",
         ));
     }
     let cluster = DEFAULT_CLUSTER.max(target.driver().info().cluster_size.unwrap_or(0));
-    let cbw = Arc::new(CbwState::new(
-        source.clone(),
-        target.clone(),
-        cluster,
-        OnCbwError::BreakGuestWrite,
-    ));
+    // QEMU opens the filter node (so a name in use fails here, before any job exists),
+    // creates the job, then attaches the filter's children.
+    if let Some(name) = &a.filter_node_name {
+        if state.graph.get(name).is_some() {
+            return Err(QmpError::generic(format!(
+                "Could not create node: Duplicate nodes with node-name='{name}'"
+            )));
+        }
+    }
+    let max_chunk = perf.max_chunk.unwrap_or(0) as u64;
+    if max_chunk != 0 && max_chunk < cluster {
+        // QEMU has opened the filter to learn the cluster size.
+        if a.filter_node_name.is_none() {
+            state.graph.consume_anonymous_name();
+        }
+        return Err(QmpError::generic(format!(
+            "Required max-chunk ({max_chunk}) is less than backup cluster size ({cluster})"
+        )));
+    }
+    let chunk_clusters = if compress {
+        1
+    } else {
+        let bytes = if max_chunk == 0 {
+            MAX_CHUNK
+        } else {
+            max_chunk.min(MAX_CHUNK)
+        };
+        (bytes / cluster).max(1)
+    };
+    let cbw = Arc::new(
+        CbwState::new(
+            source.clone(),
+            target.clone(),
+            cluster,
+            OnCbwError::BreakGuestWrite,
+        )
+        .with_compress(compress)
+        .with_discard_source(a.discard_source == Some(true)),
+    );
     if sync == Sync::Top {
         skip_unallocated(&cbw, &source).await.map_err(block_error)?;
     }
@@ -448,18 +533,11 @@ async fn start(
         sync,
         on_source_error,
         on_target_error,
+        workers: perf.max_workers.map_or(DEFAULT_WORKERS, |w| w as usize),
+        chunk_clusters,
         held: Mutex::new(None),
         release_target: release_target.then(|| target.name().to_string()),
     });
-    // QEMU opens the filter node (so a name in use fails here, before any job exists),
-    // creates the job, then attaches the filter's children.
-    if let Some(name) = &a.filter_node_name {
-        if state.graph.get(name).is_some() {
-            return Err(QmpError::generic(format!(
-                "Could not create node: Duplicate nodes with node-name='{name}'"
-            )));
-        }
-    }
     let id = state.jobs.create(opts, job.clone()).map_err(job_error)?;
     let driver = CbwDriver::new(cbw.clone());
     let children = driver.children();

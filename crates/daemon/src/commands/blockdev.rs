@@ -311,6 +311,17 @@ fn block_device_info(info: &NodeInfo) -> Value {
                "no-flush": info.cache.no_flush}),
     );
     m.insert("write_threshold".into(), info.write_threshold.into());
+    if !info.dirty_bitmaps.is_empty() {
+        let bitmaps = info
+            .dirty_bitmaps
+            .iter()
+            .map(|b| {
+                json!({"recording": false, "persistent": false, "busy": false,
+                       "granularity": b.granularity, "count": b.count})
+            })
+            .collect();
+        m.insert("dirty-bitmaps".into(), Value::Array(bitmaps));
+    }
     Value::Object(m)
 }
 
