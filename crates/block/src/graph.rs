@@ -304,6 +304,24 @@ impl BlockGraph {
         self.nodes.values().rev().cloned().collect()
     }
 
+    /// Drains every node for a section in which no request may run (a transaction):
+    /// newest first, which puts parents before their children, so a request in flight on a
+    /// parent can still finish on its children. [`Self::undrain_all`] reopens them.
+    pub async fn drain_all(&self) -> Vec<Arc<Node>> {
+        let nodes = self.nodes();
+        for node in &nodes {
+            node.gate().drain().await;
+        }
+        nodes
+    }
+
+    /// Ends a [`Self::drain_all`] section.
+    pub fn undrain_all(nodes: Vec<Arc<Node>>) {
+        for node in nodes.iter().rev() {
+            node.gate().undrain();
+        }
+    }
+
     /// `query-named-block-nodes` data, newest first.
     pub fn infos(&self) -> Vec<NodeInfo> {
         self.nodes.values().rev().map(|n| n.info()).collect()

@@ -21,6 +21,7 @@
 //! ```
 
 pub mod debug;
+pub mod dirty;
 pub mod drain;
 pub mod driver;
 pub mod error;

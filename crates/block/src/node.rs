@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::debug::DebugEvent;
+use crate::dirty::Bitmaps;
 use crate::drain::Gate;
 use crate::driver::{BlockDriver, Extent, FormatSpecific, WriteFlags, ZeroFlags};
 use crate::error::{Error, Result};
@@ -78,6 +79,8 @@ pub struct Node {
     /// the last successful flush: a flush raises `flush_to_disk` only when they differ.
     write_gen: AtomicU64,
     flushed_gen: AtomicU64,
+    /// Named dirty bitmaps; every finished write marks them.
+    bitmaps: Bitmaps,
 }
 
 /// A reference to a node that is no edge of the graph (QEMU's plain reference count, as
@@ -146,8 +149,9 @@ pub struct NodeInfo {
     pub cache: CacheInfo,
     pub write_threshold: u64,
     /// `dirty-bitmaps`, left out when empty.
-    pub dirty_bitmaps: Vec<crate::driver::DirtyBitmapInfo>,
     pub image: ImageInfo,
+    /// The node's dirty bitmaps, newest first.
+    pub dirty_bitmaps: Vec<crate::dirty::BitmapInfo>,
 }
 
 impl Node {
@@ -170,7 +174,13 @@ impl Node {
             holds: AtomicUsize::new(0),
             write_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
+            bitmaps: Bitmaps::default(),
         }
+    }
+
+    /// The node's dirty bitmaps.
+    pub fn bitmaps(&self) -> &Bitmaps {
+        &self.bitmaps
     }
 
     /// Whether a [`NodeHold`] references the node.
@@ -310,7 +320,9 @@ impl Node {
         }
         let _in = self.gate.enter().await;
         self.wrote();
-        self.driver.write(offset, buf, flags).await
+        let r = self.driver.write(offset, buf, flags).await;
+        self.bitmaps.mark(offset, buf.len() as u64);
+        r
     }
 
     /// Writes whole clusters compressed (see [`BlockDriver::write_compressed`]).
@@ -340,9 +352,9 @@ impl Node {
         self.check_writable()?;
         let _in = self.gate.enter().await;
         self.wrote();
-        self.driver
-            .write(offset, buf, WriteFlags::default())
-            .await?;
+        let r = self.driver.write(offset, buf, WriteFlags::default()).await;
+        self.bitmaps.mark(offset, buf.len() as u64);
+        r?;
         Ok(true)
     }
 
@@ -357,7 +369,9 @@ impl Node {
         flags.may_unmap &= self.flags.discard == Discard::Unmap;
         let _in = self.gate.enter().await;
         self.wrote();
-        self.driver.write_zeroes(offset, len, flags).await
+        let r = self.driver.write_zeroes(offset, len, flags).await;
+        self.bitmaps.mark(offset, len);
+        r
     }
 
     /// Discards `len` bytes at `offset`; a no-op with `discard=ignore`.
@@ -372,7 +386,9 @@ impl Node {
         }
         let _in = self.gate.enter().await;
         self.wrote();
-        self.driver.discard(offset, len).await
+        let r = self.driver.discard(offset, len).await;
+        self.bitmaps.mark(offset, len);
+        r
     }
 
     /// Flushes; a no-op with `cache.no-flush` and on read-only nodes. As in QEMU, the
@@ -421,7 +437,9 @@ impl Node {
             return Err(Error::ImageReadOnly);
         }
         self.wrote();
-        self.driver.truncate(size).await
+        self.driver.truncate(size).await?;
+        self.bitmaps.resize(self.size());
+        Ok(())
     }
 
     /// The filename as QEMU shows it (`a.img`, `null-co://`, `json:{...}`).
@@ -490,7 +508,19 @@ impl Node {
                 no_flush: self.flags.no_flush,
             },
             write_threshold: self.write_threshold(),
-            dirty_bitmaps: extra.dirty_bitmaps,
+            // Named bitmaps are newer than the driver's own (a filter's), so they come first.
+            dirty_bitmaps: self
+                .bitmaps
+                .all()
+                .iter()
+                .map(|b| b.info())
+                .chain(
+                    extra
+                        .dirty_bitmaps
+                        .iter()
+                        .map(crate::dirty::BitmapInfo::anonymous),
+                )
+                .collect(),
             image: ImageInfo {
                 filename,
                 format: self.driver.name(),

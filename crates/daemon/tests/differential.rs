@@ -59,6 +59,7 @@ scenarios!(
     qcow2_blockdev,
     qcow2_create,
     quit,
+    transaction,
 );
 
 #[test]

@@ -50,6 +50,13 @@ pub trait JobDriver<C>: Send + Sync + 'static {
         true
     }
 
+    /// How often QEMU drains every node while this job ends: before its completion event,
+    /// and when it is dismissed. Every other running job shows a pause for each (see
+    /// [`crate::JobManager::drain_blip`]).
+    fn drains(&self) -> (u32, u32) {
+        (0, 0)
+    }
+
     /// Mirror only: `actively-synced` for `query-block-jobs`.
     fn actively_synced(&self) -> Option<bool> {
         None

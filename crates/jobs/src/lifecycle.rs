@@ -139,6 +139,7 @@ impl<C: 'static> JobManager<C> {
         }
         driver.clean(c);
         if started {
+            self.drain_blip(driver.drains().0);
             if cancelled {
                 self.emit_block_event(key, JobEvent::BlockJobCancelled);
             } else {
@@ -231,11 +232,16 @@ impl<C: 'static> JobManager<C> {
 
     /// QEMU's `job_do_dismiss`: NULL (announced) and the job is gone.
     pub(crate) fn do_dismiss(&mut self, key: u64) {
+        let after = self
+            .job(key)
+            .filter(|j| j.started)
+            .map_or(0, |j| j.driver.drains().1);
         self.remove_from_txn(key);
         self.transition(key, JobStatus::Null);
         if let Some(index) = self.index(key) {
             self.jobs.remove(index);
         }
+        self.drain_blip(after);
     }
 
     pub(crate) fn remove_from_txn(&mut self, key: u64) {

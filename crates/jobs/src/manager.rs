@@ -284,6 +284,29 @@ impl<C: 'static> JobManager<C> {
         self.apply_verb_key(self.find(id)?, verb)
     }
 
+    /// What every running job shows when QEMU drains all nodes `times` times (a graph change
+    /// elsewhere): RUNNING jobs go PAUSED and back, READY ones STANDBY and back. The workers
+    /// are not stopped; requests they make meanwhile wait at the drained nodes' gates.
+    pub fn drain_blip(&mut self, times: u32) {
+        for _ in 0..times {
+            let keys: Vec<(u64, JobStatus)> = self
+                .jobs
+                .iter()
+                .filter(|j| j.started && !j.finished && !j.user_paused && j.pause_count == 0)
+                .map(|j| (j.key, j.status))
+                .collect();
+            for (key, status) in keys {
+                let (away, back) = match status {
+                    JobStatus::Running => (JobStatus::Paused, JobStatus::Running),
+                    JobStatus::Ready => (JobStatus::Standby, JobStatus::Ready),
+                    _ => continue,
+                };
+                self.transition(key, away);
+                self.transition(key, back);
+            }
+        }
+    }
+
     /// A new, empty job transaction (grouped completion mode).
     pub fn new_txn(&mut self) -> TxnId {
         self.next_txn += 1;

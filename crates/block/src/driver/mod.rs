@@ -182,6 +182,15 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     async fn amend(&self, _options: &serde_json::Value, _force: bool) -> Result<()> {
         Err(Error::AmendNotSupported)
     }
+    /// Whether a persistent bitmap of `granularity` bytes could be stored in the image
+    /// (QEMU's `can_store_new_dirty_bitmap`); `None` when the format stores no bitmaps.
+    fn can_store_bitmap(
+        &self,
+        _name: &str,
+        _granularity: u64,
+    ) -> Option<std::result::Result<(), String>> {
+        None
+    }
     /// Writes back what the driver keeps in memory and leaves the image consistent
     /// (clean) on its storage; called once, when the node leaves the graph.
     async fn close(&self) -> Result<()> {

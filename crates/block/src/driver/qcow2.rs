@@ -444,6 +444,17 @@ impl BlockDriver for Qcow2Driver {
         }
     }
 
+    fn can_store_bitmap(
+        &self,
+        _name: &str,
+        _granularity: u64,
+    ) -> Option<std::result::Result<(), String>> {
+        if self.header().version < 3 {
+            return Some(Err("Cannot store dirty bitmaps in qcow2 v2 files".into()));
+        }
+        Some(Ok(()))
+    }
+
     fn info(&self) -> DriverInfo {
         let header = self.header();
         let v3 = header.version >= 3;

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use block::driver::cbw::{CbwDriver, CbwState, OnCbwError};
 use block::{Backend, BlockGraph, Perm};
-use jobs::{ErrorAction, IoOperation, JobContext, JobDriver, JobOptions, JobType, OnError};
+use jobs::{ErrorAction, IoOperation, JobContext, JobDriver, JobOptions, JobType, OnError, TxnId};
 use qapi::QmpError;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -23,6 +23,8 @@ use crate::control::State;
 
 /// Copy unit when the target does not ask for another (QEMU's backup default).
 const DEFAULT_CLUSTER: u64 = 64 << 10;
+/// How often QEMU drains all nodes between a transaction's drain and the job's creation.
+const DRAINS_BEFORE_CREATE: u32 = 4;
 /// Copies the job runs at once unless `x-perf` says otherwise (QEMU's default workers).
 const DEFAULT_WORKERS: usize = 64;
 /// Most bytes one copy takes (QEMU's buffer for a read-and-write copy).
@@ -106,6 +108,8 @@ struct Held {
 /// is in the graph (the job exists before it, as in QEMU).
 struct BackupJob {
     state: Arc<CbwState>,
+    /// The node backed up (below the filter).
+    source: Arc<block::Node>,
     filter: Mutex<String>,
     sync: Sync,
     on_source_error: OnError,
@@ -205,6 +209,13 @@ impl JobDriver<BlockGraph> for BackupJob {
 
     async fn run(&self, ctx: JobContext) -> Result<(), String> {
         let cs = self.state.cluster_size();
+        if self.sync == Sync::Top {
+            // Guest writes since the filter went in were copied already; what the top
+            // layer still does not allocate is left out.
+            skip_unallocated(&self.state, &self.source)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
         ctx.set_progress(0, (self.state.remaining() * cs).min(self.state.len()));
         if self.sync != Sync::None {
             while !self.pass(&ctx).await? {}
@@ -224,6 +235,11 @@ impl JobDriver<BlockGraph> for BackupJob {
             target.flush().await.map_err(|e| e.to_string())?;
         }
         Ok(())
+    }
+
+    fn drains(&self) -> (u32, u32) {
+        // Taking the filter out and dropping the job's edges, then freeing the job.
+        (3, 1)
     }
 
     fn clean(&self, graph: &mut BlockGraph) {
@@ -308,6 +324,22 @@ fn job_id(a: &BackupArgs) -> Result<String, QmpError> {
 
 pub fn blockdev_backup(state: &mut State, a: Value) -> Reply<'_> {
     Box::pin(async move {
+        // QEMU runs the command as a transaction of one action, which drains all nodes.
+        state.jobs.drain_blip(1);
+        let id = prepare_blockdev_backup(state, a, None).await?;
+        begin(state, &id)?;
+        Ok(empty())
+    })
+}
+
+/// `blockdev-backup` up to a created job (not started) in transaction `txn`; returns the
+/// job's id.
+pub async fn prepare_blockdev_backup(
+    state: &mut State,
+    a: Value,
+    txn: Option<TxnId>,
+) -> Result<String, QmpError> {
+    {
         let a: BackupArgs = args(a)?;
         let sync = parse_sync(&a)?;
         let job_id = job_id(&a)?;
@@ -322,9 +354,8 @@ pub fn blockdev_backup(state: &mut State, a: Value) -> Reply<'_> {
         if source.name() == target.name() {
             return Err(QmpError::generic("Source and target cannot be the same"));
         }
-        start(state, &a, job_id, sync, source, target, false).await?;
-        Ok(empty())
-    })
+        start(state, &a, job_id, sync, source, target, false, txn).await
+    }
 }
 
 /// `drive-backup`: creates the target image (unless `mode` is `existing`), opens it as an
@@ -332,6 +363,21 @@ pub fn blockdev_backup(state: &mut State, a: Value) -> Reply<'_> {
 /// job.
 pub fn drive_backup(state: &mut State, a: Value) -> Reply<'_> {
     Box::pin(async move {
+        state.jobs.drain_blip(1);
+        let id = prepare_drive_backup(state, a, None).await?;
+        begin(state, &id)?;
+        Ok(empty())
+    })
+}
+
+/// `drive-backup` up to a created job (not started) in transaction `txn`; returns the
+/// job's id.
+pub async fn prepare_drive_backup(
+    state: &mut State,
+    a: Value,
+    txn: Option<TxnId>,
+) -> Result<String, QmpError> {
+    {
         let a: BackupArgs = args(a)?;
         let mut sync = parse_sync(&a)?;
         let job_id = job_id(&a)?;
@@ -376,12 +422,21 @@ pub fn drive_backup(state: &mut State, a: Value) -> Reply<'_> {
         let opts: block::BlockdevOptions = args(opts)?;
         let target = state.graph.add_implicit(opts).await.map_err(block_error)?;
         let name = target.name().to_string();
-        let started = start(state, &a, job_id, sync, source, target, true).await;
+        let started = start(state, &a, job_id, sync, source, target, true, txn).await;
         if started.is_err() {
             state.graph.release_later(&name);
         }
-        started.map(|()| empty())
-    })
+        started
+    }
+}
+
+/// Starts a job `prepare_*` created. QEMU starts it inside the drained section of the graph
+/// change, so it pauses at once and runs again when the section ends.
+pub fn begin(state: &mut State, id: &str) -> Result<(), QmpError> {
+    state.jobs.pause_internal(id).map_err(job_error)?;
+    state.jobs.start(id).map_err(job_error)?;
+    state.jobs.resume_internal(id).map_err(job_error)?;
+    Ok(())
 }
 
 /// `qcow2` if the file starts with the qcow2 magic, else `raw` (a missing file is reported
@@ -449,7 +504,9 @@ async fn create_image(
     created
 }
 
-/// Everything after the nodes are known: checks, the filter, the job.
+/// Everything after the nodes are known: checks, the filter, the job (created in `txn`,
+/// not started); returns the job's id.
+#[allow(clippy::too_many_arguments)]
 async fn start(
     state: &mut State,
     a: &BackupArgs,
@@ -458,7 +515,8 @@ async fn start(
     source: Arc<block::Node>,
     target: Arc<block::Node>,
     release_target: bool,
-) -> Result<(), QmpError> {
+    txn: Option<TxnId>,
+) -> Result<String, QmpError> {
     let speed = a.speed.unwrap_or(0);
     let compress = a.compress == Some(true);
     if compress && !target.driver().can_compress() {
@@ -514,13 +572,11 @@ async fn start(
         .with_compress(compress)
         .with_discard_source(a.discard_source == Some(true)),
     );
-    if sync == Sync::Top {
-        skip_unallocated(&cbw, &source).await.map_err(block_error)?;
-    }
     let opts = JobOptions {
         auto_finalize: a.auto_finalize.unwrap_or(true),
         auto_dismiss: a.auto_dismiss.unwrap_or(true),
         speed,
+        txn,
         ..JobOptions::new(job_id.clone(), JobType::Backup)
     };
     let on_source_error = policy(a.on_source_error.as_deref());
@@ -529,6 +585,7 @@ async fn start(
     // makes it go from created straight to null.
     let job = Arc::new(BackupJob {
         state: cbw.clone(),
+        source: source.clone(),
         filter: Mutex::new(String::new()),
         sync,
         on_source_error,
@@ -538,6 +595,9 @@ async fn start(
         held: Mutex::new(None),
         release_target: release_target.then(|| target.name().to_string()),
     });
+    // QEMU drains all nodes while it opens the filter, and once more when the filter goes
+    // in; other running jobs show each as a pause.
+    state.jobs.drain_blip(DRAINS_BEFORE_CREATE);
     let id = state.jobs.create(opts, job.clone()).map_err(job_error)?;
     let driver = CbwDriver::new(cbw.clone());
     let children = driver.children();
@@ -591,10 +651,6 @@ async fn start(
     };
     *locked(&job.filter) = filter.name().to_string();
     *locked(&job.held) = Some(held);
-    // QEMU starts the job inside the drained section of the graph change, so it pauses
-    // at once and runs again when the section ends.
-    state.jobs.pause_internal(id.as_str()).map_err(job_error)?;
-    state.jobs.start(id.as_str()).map_err(job_error)?;
-    state.jobs.resume_internal(id.as_str()).map_err(job_error)?;
-    Ok(())
+    state.jobs.drain_blip(1);
+    Ok(id.as_str().to_string())
 }

@@ -36,6 +36,8 @@ pub fn blockdev_del(state: &mut State, a: Value) -> Reply<'_> {
             .remove(&a.node_name)
             .await
             .map_err(block_error)?;
+        // QEMU drains all nodes to close it: running jobs show a pause.
+        state.jobs.drain_blip(1);
         Ok(empty())
     })
 }
@@ -312,15 +314,25 @@ fn block_device_info(info: &NodeInfo) -> Value {
     );
     m.insert("write_threshold".into(), info.write_threshold.into());
     if !info.dirty_bitmaps.is_empty() {
-        let bitmaps = info
-            .dirty_bitmaps
-            .iter()
-            .map(|b| {
-                json!({"recording": false, "persistent": false, "busy": false,
-                       "granularity": b.granularity, "count": b.count})
-            })
-            .collect();
-        m.insert("dirty-bitmaps".into(), Value::Array(bitmaps));
+        let list = info.dirty_bitmaps.iter().map(dirty_info).collect();
+        m.insert("dirty-bitmaps".into(), Value::Array(list));
+    }
+    Value::Object(m)
+}
+
+/// `BlockDirtyInfo`: `inconsistent` only when set, as QEMU shows it.
+fn dirty_info(b: &block::dirty::BitmapInfo) -> Value {
+    let mut m = Map::new();
+    if let Some(name) = &b.name {
+        m.insert("name".into(), name.clone().into());
+    }
+    m.insert("recording".into(), b.recording.into());
+    m.insert("persistent".into(), b.persistent.into());
+    m.insert("busy".into(), b.busy.into());
+    m.insert("granularity".into(), b.granularity.into());
+    m.insert("count".into(), b.count.into());
+    if b.inconsistent {
+        m.insert("inconsistent".into(), true.into());
     }
     Value::Object(m)
 }

@@ -6,11 +6,13 @@
 //! `qmp_capabilities` is the only command a monitor session answers itself.
 
 mod backup;
+mod bitmap;
 mod blockdev;
 mod control;
 mod job;
 pub mod nbd;
 mod object;
+mod transaction;
 
 use crate::control::State;
 use qapi::QmpError;
@@ -68,6 +70,14 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("block-job-finalize", job::block_job_finalize),
     ("block-job-dismiss", job::block_job_dismiss),
     ("block-job-change", job::block_job_change),
+    ("block-dirty-bitmap-add", bitmap::add),
+    ("block-dirty-bitmap-remove", bitmap::remove),
+    ("block-dirty-bitmap-clear", bitmap::clear),
+    ("block-dirty-bitmap-enable", bitmap::enable),
+    ("block-dirty-bitmap-disable", bitmap::disable),
+    ("block-dirty-bitmap-merge", bitmap::merge),
+    ("x-debug-block-dirty-bitmap-sha256", bitmap::sha256),
+    ("transaction", transaction::transaction),
     ("object-add", object::object_add),
     ("object-del", object::object_del),
 ];
