@@ -22,6 +22,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod bitmap_dir;
+mod bitmap_ext;
 mod check;
 mod compress;
 mod create;
@@ -36,6 +38,8 @@ mod refcount;
 mod storage;
 mod write;
 
+pub use bitmap::{DirtyBitmap, Granularity};
+pub use bitmap_ext::{BitmapInfo, BitmapTracking, LoadedBitmap, StoreBitmap};
 pub use check::CheckReport;
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::{Error, Result};
