@@ -81,6 +81,17 @@ pub struct LoadedBitmap {
     pub bitmap: DirtyBitmap,
 }
 
+impl LoadedBitmap {
+    /// This bitmap, to store back as it is now.
+    pub fn as_store(&self) -> StoreBitmap<'_> {
+        StoreBitmap {
+            name: &self.name,
+            enabled: self.enabled,
+            bitmap: &self.bitmap,
+        }
+    }
+}
+
 /// A bitmap to write into the image.
 #[derive(Debug, Clone, Copy)]
 pub struct StoreBitmap<'a> {
@@ -471,3 +482,6 @@ impl Image {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;
