@@ -198,6 +198,7 @@ impl Image {
         if h.autoclear_features & autoclear::BITMAPS == 0 {
             return Ok(());
         }
+        ext.check()?;
         let cs = self.geo.cluster_size();
         let (off, bytes) = (ext.directory_offset, ext.directory_size);
         validate_table("bitmap directory", off, bytes, cs)?;

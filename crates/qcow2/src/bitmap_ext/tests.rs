@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use super::*;
 use crate::header::autoclear;
 use crate::hostile_tests::{be, open, put};
-use crate::{create, CreateOptions, Header, MemStorage, OpenOptions, Storage};
+use crate::{create, BitmapsExt, CreateOptions, Header, MemStorage, OpenOptions, Storage};
 
 const DISK: u64 = 64 << 20;
 
@@ -97,16 +97,37 @@ async fn table_of_the_wrong_size_refuses_the_open() {
     assert!(err.to_string().contains("instead of 1"), "{err}");
 }
 
+/// `bytes` with the bitmaps extension changed by `edit` and autoclear bits `autoclear`.
+fn with_ext(bytes: &[u8], autoclear: u64, edit: impl FnOnce(&mut BitmapsExt)) -> Vec<u8> {
+    let mut h = Header::parse(bytes).unwrap();
+    edit(h.extensions.bitmaps.as_mut().unwrap());
+    h.autoclear_features = autoclear;
+    let cluster0 = h.to_bytes().unwrap();
+    let mut out = bytes.to_vec();
+    out[..cluster0.len()].copy_from_slice(&cluster0);
+    out
+}
+
 #[tokio::test]
 async fn unaligned_directory_refuses_the_open() {
-    let (bytes, dir, _) = image_with_bitmap().await;
-    let mut h = Header::parse(&bytes).unwrap();
-    let ext = h.extensions.bitmaps.as_mut().unwrap();
-    ext.directory_offset = dir + 512;
-    let mut bad = bytes.clone();
-    let cluster0 = h.to_bytes().unwrap();
-    bad[..cluster0.len()].copy_from_slice(&cluster0);
+    let (bytes, _, _) = image_with_bitmap().await;
+    let bad = with_ext(&bytes, autoclear::BITMAPS, |e| e.directory_offset += 512);
     assert!(open(&bad, true).await.is_err());
+}
+
+#[tokio::test]
+async fn extension_with_no_bitmaps_refuses_the_open() {
+    let (bytes, _, _) = image_with_bitmap().await;
+    let bad = with_ext(&bytes, autoclear::BITMAPS, |e| e.nb_bitmaps = 0);
+    assert!(open(&bad, true).await.is_err());
+}
+
+#[tokio::test]
+async fn malformed_extension_without_its_autoclear_bit_is_ignored() {
+    let (bytes, _, _) = image_with_bitmap().await;
+    let bad = with_ext(&bytes, 0, |e| e.directory_size = u64::MAX);
+    let (image, _) = open(&bad, true).await.unwrap();
+    assert!(image.bitmaps().await.is_empty());
 }
 
 #[tokio::test]
