@@ -62,6 +62,8 @@ impl Granularity {
     pub const MIN_BITS: u32 = 9;
     /// log2 of the largest granularity, 2 GiB.
     pub const MAX_BITS: u32 = 31;
+    /// The smallest granularity, 512 bytes.
+    pub const MIN: Granularity = Granularity(Self::MIN_BITS);
 
     /// The granularity of `bytes` bytes.
     pub fn new(bytes: u64) -> Result<Self> {

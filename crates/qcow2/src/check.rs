@@ -2,9 +2,10 @@
 //! metadata references is counted in memory, then compared with the stored refcounts.
 //! A stored refcount above the count is a leak; below it, a corruption.
 
+use crate::bitmap_dir::{table_entry, TableEntry};
 use crate::error::{IoContext, Result};
 use crate::header::{autoclear, incompat, MAX_SNAPSHOTS};
-use crate::image::{Image, Meta, HEADER_INCOMPAT};
+use crate::image::{Image, Meta};
 use crate::l2::{
     entry_at, words_from_be, COMPRESSED, COPIED, L1_OFFSET_MASK, L1_RESERVED_MASK, L2_OFFSET_MASK,
     L2_RESERVED_MASK,
@@ -117,12 +118,7 @@ impl Image {
         if all && after.corruptions == 0 && meta.header.incompatible_features & incompat::DIRTY != 0
         {
             meta.header.incompatible_features &= !(incompat::DIRTY | incompat::CORRUPT);
-            let v = meta.header.incompatible_features;
-            self.file
-                .write_at(HEADER_INCOMPAT, &v.to_be_bytes())
-                .await
-                .ctx("cannot write the image header")?;
-            self.file.flush().await.ctx("cannot flush the image")?;
+            self.sync_incompat(&meta).await?;
         }
         Ok(report)
     }
@@ -282,39 +278,17 @@ impl Image {
         let Some(ext) = meta.header.extensions.bitmaps else {
             return Ok(());
         };
-        let mut dir = vec![0u8; ext.directory_size as usize];
-        self.file
-            .read_at(ext.directory_offset, &mut dir)
-            .await
-            .ctx("cannot read the bitmap directory")?;
+        let cs = self.geo.cluster_size();
         k.add("bitmap directory", ext.directory_offset, ext.directory_size);
-        let mut pos = 0usize;
-        for _ in 0..ext.nb_bitmaps {
-            let Some(e) = dir.get(pos..pos + 24) else {
-                k.corrupt("bitmap directory overruns".into());
-                return Ok(());
-            };
-            let table_off = u64::from_be_bytes(e[0..8].try_into().unwrap_or_default());
-            let table_size = u32::from_be_bytes(e[8..12].try_into().unwrap_or_default());
-            let name_len = usize::from(u16::from_be_bytes([e[18], e[19]]));
-            let extra = u32::from_be_bytes(e[20..24].try_into().unwrap_or_default()) as usize;
-            if u64::from(table_size) * 8 > crate::header::MAX_L1_BYTES {
-                k.corrupt("bitmap table too large".into());
-                return Ok(());
-            }
-            let mut raw = vec![0u8; table_size as usize * 8];
-            self.file
-                .read_at(table_off, &mut raw)
-                .await
-                .ctx("cannot read a bitmap table")?;
-            k.add("bitmap table", table_off, raw.len() as u64);
-            for w in words_from_be(&raw) {
-                let data = w & L2_OFFSET_MASK;
-                if data != 0 {
-                    k.add("bitmap data", data, self.geo.cluster_size());
+        for e in &meta.bitmaps {
+            k.add("bitmap table", e.table_offset, u64::from(e.table_size) * 8);
+            for word in self.read_bitmap_table(e).await? {
+                match table_entry(word, cs) {
+                    Ok(TableEntry::Data(off)) => k.add("bitmap data", off, cs),
+                    Ok(_) => {}
+                    Err(err) => k.corrupt(format!("{err} (bitmap '{}')", e.name)),
                 }
             }
-            pos += (24 + extra + name_len).div_ceil(8) * 8;
         }
         Ok(())
     }

@@ -215,19 +215,22 @@ fn parse_bitmaps(data: &[u8]) -> Result<BitmapsExt> {
             "bitmaps extension: reserved field is not zero".into(),
         ));
     }
-    if ext.nb_bitmaps == 0 || ext.nb_bitmaps > MAX_BITMAPS {
-        return Err(invalid(format!(
-            "bitmaps extension: {} bitmaps is out of range",
-            ext.nb_bitmaps
-        )));
-    }
-    if ext.directory_size > MAX_BITMAP_DIRECTORY_BYTES {
-        return Err(invalid("bitmaps extension: directory too large".into()));
-    }
-    if !ext.directory_offset.is_multiple_of(512) {
-        return Err(invalid(
-            "bitmaps extension: directory offset is not aligned".into(),
-        ));
-    }
     Ok(ext)
+}
+
+impl BitmapsExt {
+    /// QEMU's checks of the extension's fields. They count only when the autoclear bit says
+    /// the extension is valid: without it QEMU ignores the extension, however malformed.
+    pub(crate) fn check(&self) -> Result<()> {
+        if self.nb_bitmaps == 0 || self.nb_bitmaps > MAX_BITMAPS {
+            return Err(invalid(format!(
+                "bitmaps extension: {} bitmaps is out of range",
+                self.nb_bitmaps
+            )));
+        }
+        if self.directory_size > MAX_BITMAP_DIRECTORY_BYTES {
+            return Err(invalid("bitmaps extension: directory too large".into()));
+        }
+        Ok(())
+    }
 }

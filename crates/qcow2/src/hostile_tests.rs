@@ -6,12 +6,12 @@ use std::sync::Arc;
 use crate::header::incompat;
 use crate::{create, CreateOptions, Error, Header, Image, MemStorage, OpenOptions, Storage};
 
-fn be(bytes: &[u8], at: u64) -> u64 {
+pub(crate) fn be(bytes: &[u8], at: u64) -> u64 {
     let at = at as usize;
     u64::from_be_bytes(bytes[at..at + 8].try_into().unwrap())
 }
 
-fn put(bytes: &mut [u8], at: u64, v: u64) {
+pub(crate) fn put(bytes: &mut [u8], at: u64, v: u64) {
     let at = at as usize;
     bytes[at..at + 8].copy_from_slice(&v.to_be_bytes());
 }
@@ -32,7 +32,7 @@ async fn base() -> (Vec<u8>, Header) {
     (bytes, h)
 }
 
-async fn open(bytes: &[u8], read_only: bool) -> crate::Result<(Image, MemStorage)> {
+pub(crate) async fn open(bytes: &[u8], read_only: bool) -> crate::Result<(Image, MemStorage)> {
     let st = MemStorage::from_bytes(bytes.to_vec());
     let file: Arc<dyn Storage> = Arc::new(st.clone());
     let opts = OpenOptions {

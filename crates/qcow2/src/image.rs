@@ -18,6 +18,8 @@ use std::sync::Arc;
 
 use tokio::sync::{Mutex, MutexGuard};
 
+use crate::bitmap_dir::DirEntry;
+use crate::bitmap_ext::{BitmapTracking, LoadedBitmap};
 use crate::error::{Error, IoContext, Result};
 use crate::header::{self, autoclear, incompat, CompressionType, Header, MAX_HOST_OFFSET};
 use crate::l2::{
@@ -44,6 +46,8 @@ pub struct OpenOptions {
     pub lazy_refcounts: Option<bool>,
     /// The external data file, for images that have one.
     pub data_file: Option<Arc<dyn Storage>>,
+    /// How a read-write open keeps persistent bitmaps safe from writes.
+    pub bitmap_tracking: BitmapTracking,
 }
 
 impl Default for OpenOptions {
@@ -53,6 +57,7 @@ impl Default for OpenOptions {
             l2_cache_bytes: DEFAULT_L2_CACHE_BYTES,
             lazy_refcounts: None,
             data_file: None,
+            bitmap_tracking: BitmapTracking::default(),
         }
     }
 }
@@ -64,6 +69,7 @@ impl std::fmt::Debug for OpenOptions {
             .field("l2_cache_bytes", &self.l2_cache_bytes)
             .field("lazy_refcounts", &self.lazy_refcounts)
             .field("data_file", &self.data_file.is_some())
+            .field("bitmap_tracking", &self.bitmap_tracking)
             .finish()
     }
 }
@@ -84,6 +90,10 @@ pub(crate) struct Meta {
     /// Guest clusters whose L2 entry a request is changing with the lock released; the
     /// request holds the mutex until it has updated the entry (see [`Image::wait_idle`]).
     pub inflight: HashMap<u64, Arc<Mutex<()>>, OffsetHash>,
+    /// The bitmap directory as it is on disk (empty without a valid bitmaps extension).
+    pub bitmaps: Vec<DirEntry>,
+    /// Bitmaps loaded on open, until the caller takes them.
+    pub loaded: Vec<LoadedBitmap>,
 }
 
 /// An open qcow2 image.
@@ -98,6 +108,8 @@ pub struct Image {
     pub(crate) meta: Mutex<Meta>,
     /// A write found corrupt metadata and marked the image corrupt: writes are refused.
     pub(crate) corrupt: AtomicBool,
+    /// Some bitmap is stored with `in_use` clear: the next write must mark it in use first.
+    pub(crate) bitmaps_unmarked: AtomicBool,
 }
 
 impl std::fmt::Debug for Image {
@@ -111,7 +123,7 @@ impl std::fmt::Debug for Image {
 }
 
 /// A table must start inside the file (its tail may run past the unpadded last cluster).
-fn check_in_file(
+pub(crate) fn check_in_file(
     table: &'static str,
     offset: u64,
     bytes: u64,
@@ -224,6 +236,7 @@ impl Image {
             lazy,
             size: AtomicU64::new(header.size),
             corrupt: AtomicBool::new(false),
+            bitmaps_unmarked: AtomicBool::new(false),
             meta: Mutex::new(Meta {
                 l1: words_from_be(&raw_l1),
                 l2: L2Cache::new(usize::try_from(l2_tables).unwrap_or(usize::MAX)),
@@ -233,36 +246,65 @@ impl Image {
                 compress_tail: 0,
                 pending_unref: Vec::new(),
                 inflight: HashMap::default(),
+                bitmaps: Vec::new(),
+                loaded: Vec::new(),
             }),
         };
+        image
+            .open_bitmaps(&mut *image.meta.lock().await, file_len)
+            .await?;
         if !image.read_only {
-            image.prepare_writable().await?;
+            image.prepare_writable(opts.bitmap_tracking).await?;
         }
         Ok(image)
     }
 
     /// What a read-write open does before the first request: clear autoclear bits this library
-    /// does not maintain (bitmaps it would not update must be marked inconsistent) and repair
-    /// a dirty image.
-    async fn prepare_writable(&self) -> Result<()> {
-        let dirty = {
-            let mut meta = self.meta.lock().await;
-            let h = &mut meta.header;
-            if h.version >= 3 && h.autoclear_features & !autoclear::DATA_FILE_RAW != 0 {
-                h.autoclear_features &= autoclear::DATA_FILE_RAW;
-                let v = h.autoclear_features;
-                self.file
-                    .write_at(HEADER_AUTOCLEAR, &v.to_be_bytes())
-                    .await
-                    .ctx("cannot write the image header")?;
-                self.file.flush().await.ctx("cannot flush the image")?;
-            }
-            h.is_dirty()
-        };
-        if dirty {
-            self.repair_refcounts().await?;
+    /// does not maintain, drop a bitmaps extension whose autoclear bit a program without bitmap
+    /// support cleared (as QEMU does), repair a dirty image, and protect the bitmaps.
+    async fn prepare_writable(&self, tracking: BitmapTracking) -> Result<()> {
+        let mut meta = self.meta.lock().await;
+        let h = &mut meta.header;
+        let stale =
+            h.extensions.bitmaps.is_some() && h.autoclear_features & autoclear::BITMAPS == 0;
+        if stale {
+            h.extensions.bitmaps = None;
         }
-        Ok(())
+        let keep = autoclear::DATA_FILE_RAW
+            | match h.extensions.bitmaps {
+                Some(_) => autoclear::BITMAPS,
+                None => 0,
+            };
+        let unknown = h.version >= 3 && h.autoclear_features & !keep != 0;
+        h.autoclear_features &= keep;
+        if stale {
+            self.write_header(&mut meta).await?;
+        } else if unknown {
+            self.sync_header_u64(HEADER_AUTOCLEAR, meta.header.autoclear_features)
+                .await?;
+        }
+        if meta.header.is_dirty() {
+            drop(meta);
+            self.repair_refcounts().await?;
+            meta = self.meta.lock().await;
+        }
+        match tracking {
+            BitmapTracking::InUseWhileOpen => self.mark_bitmaps_in_use(&mut meta).await,
+        }
+    }
+
+    /// Rewrite cluster 0 from the in-memory header (synced), for changes to the extensions.
+    pub(crate) async fn write_header(&self, meta: &mut Meta) -> Result<()> {
+        // The refcount table may have moved since open (the allocator writes only its field).
+        meta.header.refcount_table_offset = meta.rc.table_offset;
+        meta.header.refcount_table_clusters = meta.rc.table_clusters;
+        let mut bytes = meta.header.to_bytes()?;
+        bytes.resize(self.geo.cluster_size() as usize, 0);
+        self.file
+            .write_at(0, &bytes)
+            .await
+            .ctx("cannot write the image header")?;
+        self.file.flush().await.ctx("cannot flush the image")
     }
 
     /// A copy of the current header.
@@ -389,10 +431,15 @@ impl Image {
     }
 
     /// Writes the header's incompatible-feature word and makes it durable.
-    async fn sync_incompat(&self, meta: &Meta) -> Result<()> {
-        let v = meta.header.incompatible_features;
+    pub(crate) async fn sync_incompat(&self, meta: &Meta) -> Result<()> {
+        self.sync_header_u64(HEADER_INCOMPAT, meta.header.incompatible_features)
+            .await
+    }
+
+    /// Writes one 64-bit header field at `at` and makes it durable.
+    pub(crate) async fn sync_header_u64(&self, at: u64, v: u64) -> Result<()> {
         self.file
-            .write_at(HEADER_INCOMPAT, &v.to_be_bytes())
+            .write_at(at, &v.to_be_bytes())
             .await
             .ctx("cannot write the image header")?;
         self.file.flush().await.ctx("cannot flush the image")
@@ -418,12 +465,7 @@ impl Image {
         };
         self.corrupt.store(true, Ordering::Release);
         meta.header.incompatible_features |= incompat::CORRUPT;
-        let v = meta.header.incompatible_features;
-        self.file
-            .write_at(HEADER_INCOMPAT, &v.to_be_bytes())
-            .await
-            .ctx("cannot write the image header")?;
-        self.file.flush().await.ctx("cannot flush the image")?;
+        self.sync_incompat(meta).await?;
         Err(Error::MarkedCorrupt(msg))
     }
 

@@ -4,7 +4,9 @@
 //! creates qcow2 images as QEMU 10.0.2 does (`docs/interop/qcow2.txt`). It never opens a backing
 //! file: reads report the ranges that are not allocated in the image so the caller fills them
 //! from its backing node, and writes that copy part of a cluster on write ask the caller's
-//! [`Backing`] for the old data.
+//! [`Backing`] for the old data. Persistent dirty bitmaps are loaded on open and handed to the
+//! caller, who tracks writes in them and stores them back ([`Image::take_bitmaps`],
+//! [`Image::store_bitmaps`]).
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -22,6 +24,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod bitmap_dir;
+mod bitmap_ext;
 mod check;
 mod compress;
 mod create;
@@ -36,6 +40,8 @@ mod refcount;
 mod storage;
 mod write;
 
+pub use bitmap::{DirtyBitmap, Granularity};
+pub use bitmap_ext::{BitmapInfo, BitmapTracking, LoadedBitmap, StoreBitmap};
 pub use check::CheckReport;
 pub use create::{create, CreateOptions, Preallocation};
 pub use error::{Error, Result};

@@ -67,7 +67,7 @@ fn sc_mask(s0: u32, s1: u32) -> u64 {
 }
 
 impl Image {
-    fn check_writable(&self) -> Result<()> {
+    pub(crate) fn check_writable(&self) -> Result<()> {
         if self.read_only {
             return Err(Error::ReadOnly);
         }
@@ -87,7 +87,7 @@ impl Image {
         buf: &[u8],
         backing: Option<&dyn Backing>,
     ) -> Result<()> {
-        self.check_writable()?;
+        self.begin_write().await?;
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.geo.cluster_size();
         // Consecutive clusters written in place whose host clusters are adjacent go out in
@@ -461,7 +461,7 @@ impl Image {
         unmap: bool,
         backing: Option<&dyn Backing>,
     ) -> Result<()> {
-        self.check_writable()?;
+        self.begin_write().await?;
         self.check_range(offset, len)?;
         let cs = self.geo.cluster_size();
         let scs = self.geo.subcluster_size();
@@ -579,7 +579,7 @@ impl Image {
     /// the backing file. Host clusters are released. `has_backing` says whether a backing
     /// chain would show through an unallocated cluster (then v3 marks it zero).
     pub async fn discard(&self, offset: u64, len: u64, has_backing: bool) -> Result<()> {
-        self.check_writable()?;
+        self.begin_write().await?;
         self.check_range(offset, len)?;
         let cs = self.geo.cluster_size();
         let (first, end) = (offset.div_ceil(cs), (offset + len) / cs);
@@ -622,7 +622,7 @@ impl Image {
 
     /// Grow the virtual disk to `new_size` bytes (shrinking is refused).
     pub async fn truncate(&self, new_size: u64) -> Result<()> {
-        self.check_writable()?;
+        self.begin_write().await?;
         let mut meta = self.meta.lock().await;
         if new_size < meta.header.size {
             return Err(Error::Unsupported(
@@ -695,7 +695,7 @@ impl Image {
     /// `compress` do. `buf` is the whole cluster, or the rest of the disk for a last partial
     /// cluster. Data that does not compress is written uncompressed, as QEMU does.
     pub async fn write_compressed(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.check_writable()?;
+        self.begin_write().await?;
         self.check_range(offset, buf.len() as u64)?;
         let cs = self.geo.cluster_size();
         let whole = cs.min(self.size() - offset);

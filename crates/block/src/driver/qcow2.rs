@@ -263,6 +263,7 @@ impl Qcow2Driver {
                 l2_cache_bytes,
                 lazy_refcounts: opts.lazy_refcounts,
                 data_file: data,
+                ..qcow2::OpenOptions::default()
             },
         )
         .await
