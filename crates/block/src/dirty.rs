@@ -212,6 +212,56 @@ impl NodeBitmap {
     }
 }
 
+/// A bitmap as an image stores it: what a format driver loads on open and stores on close.
+#[derive(Debug, Clone)]
+pub struct PersistentBitmap {
+    pub name: String,
+    /// Tracks writes (qcow2's `auto` flag).
+    pub enabled: bool,
+    /// Found in use on open: the bits were lost.
+    pub inconsistent: bool,
+    pub bits: DirtyBitmap,
+}
+
+impl NodeBitmap {
+    /// A bitmap loaded from the node's image; `readonly` when the node is read-only.
+    pub fn loaded(p: PersistentBitmap, readonly: bool) -> Self {
+        Self::with_state(
+            p.name,
+            BitmapState {
+                bits: p.bits,
+                enabled: p.enabled && !p.inconsistent,
+                busy: false,
+                readonly,
+                inconsistent: p.inconsistent,
+                persistent: true,
+                successor: None,
+            },
+        )
+    }
+
+    /// What to store in the image at close: `None` for bitmaps that are not persistent or
+    /// whose bits were lost. Writes recorded by a successor are kept.
+    pub fn to_store(&self) -> Option<PersistentBitmap> {
+        let s = self.lock();
+        if !s.persistent || s.inconsistent || s.readonly {
+            return None;
+        }
+        let mut bits = s.bits.clone();
+        let mut enabled = s.enabled;
+        if let Some(succ) = &s.successor {
+            let _ = bits.merge(&succ.bits);
+            enabled = succ.enabled;
+        }
+        Some(PersistentBitmap {
+            name: self.name.clone(),
+            enabled,
+            inconsistent: false,
+            bits,
+        })
+    }
+}
+
 /// What query-named-block-nodes shows of a bitmap.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BitmapInfo {

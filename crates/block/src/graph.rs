@@ -405,6 +405,7 @@ impl BlockGraph {
                 position,
             } = opened;
             let node = Arc::new(Node::new(name.clone(), !is_root, driver, flags, children));
+            node.load_bitmaps().await;
             for child in node.children() {
                 let edge = ParentEdge {
                     key: ParentKey::Node(name.clone()),
@@ -677,7 +678,7 @@ impl BlockGraph {
             self.nodes.shift_remove(node.name());
             // Nothing can report a close failure here (QEMU ignores it too); the image
             // stays as consistent as its last flush.
-            let _ = node.driver().close().await;
+            let _ = node.close().await;
             for child in node.children() {
                 remove_edge(&child.node, ParentKey::Node(node.name().to_string()));
                 if child.node.is_implicit() && child.node.parents().is_empty() {
@@ -694,7 +695,7 @@ impl BlockGraph {
             // Flush goes through the gate, so it must come before the drain.
             let _ = node.flush().await;
             node.gate().drain().await;
-            let _ = node.driver().close().await;
+            let _ = node.close().await;
             for child in node.children() {
                 remove_edge(&child.node, ParentKey::Node(node.name().to_string()));
             }

@@ -178,6 +178,43 @@ impl Node {
         }
     }
 
+    /// Takes over the bitmaps the image stores (after open).
+    pub(crate) async fn load_bitmaps(&self) {
+        for b in self.driver.take_persistent_bitmaps().await {
+            let readonly = self.flags.read_only;
+            self.bitmaps
+                .add(Arc::new(crate::dirty::NodeBitmap::loaded(b, readonly)));
+        }
+    }
+
+    /// Closes the node's driver, storing its persistent bitmaps in the image first. A
+    /// store that fails is reported and the close goes on, as QEMU does.
+    pub(crate) async fn close(&self) -> Result<()> {
+        let store: Vec<_> = self
+            .bitmaps
+            .all()
+            .iter()
+            .rev()
+            .filter_map(|b| b.to_store())
+            .collect();
+        if !store.is_empty() {
+            let stored = if self.flags.read_only {
+                Err("No write access".to_string())
+            } else {
+                let r = self.driver.store_persistent_bitmaps(&store).await;
+                r.map_err(|e| e.to_string())
+            };
+            if let Err(e) = stored {
+                // QEMU's words.
+                eprintln!(
+                    "Lost persistent bitmaps during inactivation of node '{}': {e}",
+                    self.name
+                );
+            }
+        }
+        self.driver.close().await
+    }
+
     /// The node's dirty bitmaps.
     pub fn bitmaps(&self) -> &Bitmaps {
         &self.bitmaps

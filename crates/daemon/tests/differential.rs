@@ -44,6 +44,7 @@ scenarios!(
     backup_options,
     backup_quit,
     blkdebug,
+    bitmaps_persistent,
     blockdev,
     blockdev_create,
     cmdline_blockdev,

@@ -79,6 +79,8 @@ pub struct Qcow2Info {
     pub refcount_bits: u32,
     /// `zlib` or `zstd`.
     pub compression_type: &'static str,
+    /// The image's persistent bitmaps: name, granularity and flags (`in-use`, `auto`).
+    pub bitmaps: Vec<(String, u64, Vec<&'static str>)>,
 }
 
 /// Image details a driver contributes to `query-named-block-nodes`.
@@ -190,6 +192,23 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
         _granularity: u64,
     ) -> Option<std::result::Result<(), String>> {
         None
+    }
+    /// The persistent bitmaps the image holds, handed over once after open (the node tracks
+    /// writes in them from then on).
+    async fn take_persistent_bitmaps(&self) -> Vec<crate::dirty::PersistentBitmap> {
+        Vec::new()
+    }
+    /// Stores `bitmaps` in the image (replacing those of the same names); called when the
+    /// node closes.
+    async fn store_persistent_bitmaps(
+        &self,
+        _bitmaps: &[crate::dirty::PersistentBitmap],
+    ) -> Result<()> {
+        Ok(())
+    }
+    /// Deletes the persistent bitmap `name` from the image, if it is there.
+    async fn remove_persistent_bitmap(&self, _name: &str) -> Result<()> {
+        Ok(())
     }
     /// Writes back what the driver keeps in memory and leaves the image consistent
     /// (clean) on its storage; called once, when the node leaves the graph.

@@ -211,6 +211,8 @@ pub struct Qcow2Driver {
     /// the filename then shows it in `json:{...}`.
     backing_overridden: bool,
     header: Mutex<qcow2::Header>,
+    /// The bitmap directory as last read (for `format-specific`).
+    bitmap_dir: Mutex<Vec<qcow2::BitmapInfo>>,
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -269,12 +271,14 @@ impl Qcow2Driver {
         .await
         .map_err(format_error)?;
         let header = image.header().await;
+        let bitmap_dir = image.bitmaps().await;
         Ok(Self {
             image,
             file,
             backing: None,
             backing_overridden: false,
             header: Mutex::new(header),
+            bitmap_dir: Mutex::new(bitmap_dir),
         })
     }
 
@@ -299,6 +303,8 @@ impl Qcow2Driver {
             Ok(mut guard) => *guard = header,
             Err(poisoned) => *poisoned.into_inner() = header,
         }
+        let dir = self.image.bitmaps().await;
+        *self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()) = dir;
     }
 
     fn backing_reader(&self) -> Option<BackingReader<'_>> {
@@ -473,6 +479,22 @@ impl BlockDriver for Qcow2Driver {
             corrupt: v3.then_some(header.is_corrupt()),
             refcount_bits: header.refcount_bits(),
             compression_type,
+            bitmaps: self
+                .bitmap_dir
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|b| {
+                    let mut flags = Vec::new();
+                    if b.in_use {
+                        flags.push("in-use");
+                    }
+                    if b.enabled {
+                        flags.push("auto");
+                    }
+                    (b.name.clone(), b.granularity.bytes(), flags)
+                })
+                .collect(),
         };
         let own_name = self.file.driver().filename().exact;
         let full = header
@@ -507,6 +529,48 @@ impl BlockDriver for Qcow2Driver {
             ));
         }
         Ok(())
+    }
+
+    async fn take_persistent_bitmaps(&self) -> Vec<crate::dirty::PersistentBitmap> {
+        self.image
+            .take_bitmaps()
+            .await
+            .into_iter()
+            .map(|b| crate::dirty::PersistentBitmap {
+                name: b.name,
+                enabled: b.enabled,
+                inconsistent: b.inconsistent,
+                bits: b.bitmap,
+            })
+            .collect()
+    }
+
+    async fn store_persistent_bitmaps(
+        &self,
+        bitmaps: &[crate::dirty::PersistentBitmap],
+    ) -> Result<()> {
+        let store: Vec<qcow2::StoreBitmap<'_>> = bitmaps
+            .iter()
+            .map(|b| qcow2::StoreBitmap {
+                name: &b.name,
+                enabled: b.enabled,
+                bitmap: &b.bits,
+            })
+            .collect();
+        let result = self.image.store_bitmaps(&store).await.map_err(format_error);
+        self.refresh_header().await;
+        result
+    }
+
+    async fn remove_persistent_bitmap(&self, name: &str) -> Result<()> {
+        let result = self
+            .image
+            .remove_bitmap(name)
+            .await
+            .map(|_| ())
+            .map_err(format_error);
+        self.refresh_header().await;
+        result
     }
 
     async fn close(&self) -> Result<()> {

@@ -177,10 +177,18 @@ pub fn prepare_add(state: &mut State, a: Value) -> Result<BitmapUndo, QmpError> 
     Ok(BitmapUndo::Added { node, name: a.name })
 }
 
-pub fn prepare_remove(state: &mut State, a: Value) -> Result<BitmapUndo, QmpError> {
+/// Refuses a busy or readonly bitmap; a persistent one leaves the image at once (an abort
+/// keeps it in memory, and it is stored again when the node closes).
+pub async fn prepare_remove(state: &mut State, a: Value) -> Result<BitmapUndo, QmpError> {
     let a: NameArgs = args(a)?;
     let (node, bitmap) = lookup(&state.graph, &a.node, &a.name)?;
     checked(&bitmap, Check::BusyReadonly)?;
+    if bitmap.lock().persistent {
+        node.driver()
+            .remove_persistent_bitmap(bitmap.name())
+            .await
+            .map_err(|e| generic(e.to_string()))?;
+    }
     bitmap.lock().busy = true;
     Ok(BitmapUndo::Removing { node, bitmap })
 }
@@ -265,7 +273,10 @@ pub fn add(state: &mut State, a: Value) -> Reply<'_> {
 }
 
 pub fn remove(state: &mut State, a: Value) -> Reply<'_> {
-    command(state, a, prepare_remove)
+    Box::pin(async move {
+        prepare_remove(state, a).await?.commit();
+        Ok(empty())
+    })
 }
 
 pub fn clear(state: &mut State, a: Value) -> Reply<'_> {

@@ -387,6 +387,16 @@ fn format_specific(fs: &block::FormatSpecific) -> Value {
             if let Some(lazy) = q.lazy_refcounts {
                 data.insert("lazy-refcounts".into(), lazy.into());
             }
+            if !q.bitmaps.is_empty() {
+                let list = q
+                    .bitmaps
+                    .iter()
+                    .map(|(name, granularity, flags)| {
+                        json!({"flags": flags, "name": name, "granularity": granularity})
+                    })
+                    .collect();
+                data.insert("bitmaps".into(), Value::Array(list));
+            }
             if let Some(corrupt) = q.corrupt {
                 data.insert("corrupt".into(), corrupt.into());
             }

@@ -79,7 +79,7 @@ async fn prepare(
     Ok(match action.kind.as_str() {
         "abort" => return Err(QmpError::generic("Transaction aborted using Abort action")),
         "block-dirty-bitmap-add" => Prepared::Bitmap(bitmap::prepare_add(state, data)?),
-        "block-dirty-bitmap-remove" => Prepared::Bitmap(bitmap::prepare_remove(state, data)?),
+        "block-dirty-bitmap-remove" => Prepared::Bitmap(bitmap::prepare_remove(state, data).await?),
         "block-dirty-bitmap-clear" => Prepared::Bitmap(bitmap::prepare_clear(state, data)?),
         "block-dirty-bitmap-enable" => Prepared::Bitmap(bitmap::prepare_enable(state, data)?),
         "block-dirty-bitmap-disable" => Prepared::Bitmap(bitmap::prepare_disable(state, data)?),
