@@ -175,19 +175,6 @@ impl NodeBitmap {
         }
     }
 
-    /// Ends a freeze clearing the ranges the job copied, whatever its outcome (bitmap mode
-    /// `always`): the bitmap keeps what was not copied plus every write since the freeze.
-    pub fn settle_copied(&self, copied: &DirtyBitmap) {
-        let mut s = self.lock();
-        for range in copied.dirty_extents(0, copied.size()).collect::<Vec<_>>() {
-            s.bits.reset(range.start, range.end - range.start);
-        }
-        if let Some(succ) = s.successor.take() {
-            let _ = s.bits.merge(&succ.bits);
-            s.enabled = succ.enabled;
-        }
-    }
-
     /// Follows a resize of the node.
     pub fn resize(&self, size: u64) {
         let mut s = self.lock();
@@ -195,6 +182,22 @@ impl NodeBitmap {
         if let Some(succ) = &mut s.successor {
             succ.bits.resize(size);
         }
+    }
+
+    /// The successor's entry while the bitmap is frozen: anonymous, recording as the bitmap
+    /// did, never busy.
+    pub fn successor_info(&self) -> Option<BitmapInfo> {
+        let s = self.lock();
+        let succ = s.successor.as_ref()?;
+        Some(BitmapInfo {
+            name: None,
+            count: succ.bits.count(),
+            granularity: succ.bits.granularity().bytes(),
+            recording: succ.enabled,
+            busy: false,
+            persistent: false,
+            inconsistent: false,
+        })
     }
 
     /// `BlockDirtyInfo` of query-named-block-nodes.
@@ -336,6 +339,15 @@ impl Bitmaps {
         Some((at, list.remove(at)))
     }
 
+    /// Makes the bitmap called `name` the newest (a successor that took its place).
+    pub fn move_to_front(&self, name: &str) {
+        let mut list = self.lock();
+        if let Some(at) = list.iter().position(|b| b.name == name) {
+            let b = list.remove(at);
+            list.insert(0, b);
+        }
+    }
+
     /// Marks a finished write in every bitmap.
     pub fn mark(&self, offset: u64, len: u64) {
         let list = self.lock();
@@ -389,18 +401,6 @@ mod tests {
         b.abdicate();
         let s = b.lock();
         assert!(!s.bits.get(0) && s.bits.get(65536 * 2));
-    }
-
-    #[test]
-    fn settle_copied_drops_only_what_was_copied() {
-        let b = NodeBitmap::new("b".into(), 1 << 20, g64k(), true);
-        b.mark(0, 2 * 65536);
-        let mut copied = b.freeze();
-        copied.reset(65536, 65536);
-        b.mark(65536 * 5, 1);
-        b.settle_copied(&copied);
-        let s = b.lock();
-        assert!(!s.bits.get(0) && s.bits.get(65536) && s.bits.get(65536 * 5));
     }
 
     #[test]

@@ -546,11 +546,13 @@ impl Node {
             },
             write_threshold: self.write_threshold(),
             // Named bitmaps are newer than the driver's own (a filter's), so they come first.
+            // A frozen bitmap's successor is the newest of all.
             dirty_bitmaps: self
                 .bitmaps
                 .all()
                 .iter()
-                .map(|b| b.info())
+                .filter_map(|b| b.successor_info())
+                .chain(self.bitmaps.all().iter().map(|b| b.info()))
                 .chain(
                     extra
                         .dirty_bitmaps

@@ -41,6 +41,7 @@ scenarios!(
     backup,
     backup_enospc,
     backup_faults,
+    backup_incremental,
     backup_options,
     backup_quit,
     blkdebug,

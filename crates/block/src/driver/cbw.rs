@@ -60,7 +60,7 @@ struct Inner {
     reading: HashMap<u64, u32>,
     /// Bit `c` set: the snapshot still shows cluster `c` (`snapshot-access` did not discard it).
     access: Vec<u64>,
-    /// Clusters copied so far.
+    /// Clusters the filter copied before guest writes (not the job's copies).
     copied: u64,
     /// A copy failed with `break-snapshot`: the target is no longer a point in time.
     broken: Option<String>,
@@ -104,6 +104,22 @@ impl Inner {
 
     fn set_todo(&mut self, c: u64, on: bool) {
         set_bit(&mut self.todo, c, on);
+    }
+}
+
+/// Claimed clusters whose copy has not finished; dropping it unfinished releases them.
+struct ClaimGuard<'a> {
+    state: &'a CbwState,
+    first: u64,
+    n: u64,
+    settled: bool,
+}
+
+impl Drop for ClaimGuard<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.state.release(self.first, self.n, false);
+        }
     }
 }
 
@@ -235,9 +251,6 @@ impl CbwState {
                     inner.set_todo(c, true);
                 }
             }
-            if copied {
-                inner.copied += n;
-            }
         }
         self.done.notify_waiters();
     }
@@ -269,7 +282,16 @@ impl CbwState {
         first: u64,
         n: u64,
     ) -> std::result::Result<u64, (bool, Error)> {
+        // A copy dropped half way (its job was aborted) gives its clusters back as still
+        // to copy, so nobody waits on them and nothing is counted as copied.
+        let mut claim = ClaimGuard {
+            state: self,
+            first,
+            n,
+            settled: false,
+        };
         let result = self.copy_now(first, n).await;
+        claim.settled = true;
         self.release(first, n, result.is_ok());
         result
     }
@@ -285,11 +307,11 @@ impl CbwState {
                 Claim::Done => return Ok(false),
                 Claim::Busy => woken.await,
                 Claim::Mine => {
-                    return self
-                        .copy_claimed(c, 1)
-                        .await
-                        .map(|_| true)
-                        .map_err(|(_, e)| e);
+                    self.copy_claimed(c, 1).await.map_err(|(_, e)| e)?;
+                    // Only the filter's own copies count as done (QEMU's done bitmap);
+                    // the job's copies do not.
+                    self.lock().copied += 1;
+                    return Ok(true);
                 }
             }
         }

@@ -10,6 +10,7 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use block::dirty::NodeBitmap;
 use block::driver::cbw::{CbwDriver, CbwState, OnCbwError};
 use block::{Backend, BlockGraph, Perm};
 use jobs::{ErrorAction, IoOperation, JobContext, JobDriver, JobOptions, JobType, OnError, TxnId};
@@ -39,6 +40,7 @@ struct BackupArgs {
     sync: String,
     speed: Option<i64>,
     bitmap: Option<String>,
+    bitmap_mode: Option<String>,
     compress: Option<bool>,
     /// `drive-backup` only: the new image's format.
     format: Option<String>,
@@ -95,6 +97,26 @@ enum Sync {
     Top,
     /// Nothing but what the filter copies before guest writes.
     None,
+    /// What the sync bitmap marks (`incremental` and `bitmap`).
+    Bitmap,
+}
+
+/// What becomes of the sync bitmap when the job ends (QEMU's `BitmapSyncMode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BitmapMode {
+    /// Cleared of what was copied only if the job succeeds.
+    OnSuccess,
+    /// Left as it was, plus the writes made meanwhile.
+    Never,
+    /// Cleared of what was copied whatever the outcome.
+    Always,
+}
+
+/// The bitmap a backup reads (`sync=bitmap`) or settles (any sync with `bitmap`). It is
+/// frozen while the job runs: writes go to its successor.
+struct SyncBitmap {
+    bitmap: Arc<NodeBitmap>,
+    mode: BitmapMode,
 }
 
 /// What the job holds while it runs, released when it ends: its edges on the filter
@@ -121,6 +143,7 @@ struct BackupJob {
     held: Mutex<Option<Held>>,
     /// An implicit target node (`drive-backup`) to close when the job ends.
     release_target: Option<String>,
+    sync_bitmap: Option<SyncBitmap>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -139,6 +162,32 @@ fn nospace(err: &block::Error) -> bool {
 }
 
 impl BackupJob {
+    /// Ends the sync bitmap's freeze as QEMU does: on success (or with `always`) the writes
+    /// since the job started replace it, unless the mode is `never`; otherwise they are
+    /// merged back in. A failed `always` job keeps what it did not copy.
+    fn settle_bitmap(&self, ok: bool) {
+        let Some(sb) = &self.sync_bitmap else {
+            return;
+        };
+        let sync = (ok || sb.mode == BitmapMode::Always) && sb.mode != BitmapMode::Never;
+        if sync {
+            // The successor, the newest bitmap of the node, takes the bitmap's place.
+            sb.bitmap.abdicate();
+            self.source.bitmaps().move_to_front(sb.bitmap.name());
+        } else {
+            sb.bitmap.reclaim();
+        }
+        if !ok && sb.mode == BitmapMode::Always {
+            let cs = self.state.cluster_size();
+            let mut s = sb.bitmap.lock();
+            for c in 0..self.state.clusters() {
+                if self.state.needs_copy(c) {
+                    s.bits.set(c * cs, cs);
+                }
+            }
+        }
+    }
+
     /// Copies the `n` claimed clusters from `first`; returns the bytes copied.
     async fn copy(state: Arc<CbwState>, first: u64, n: u64) -> Result<u64, CopyFailure> {
         state
@@ -237,6 +286,14 @@ impl JobDriver<BlockGraph> for BackupJob {
         Ok(())
     }
 
+    fn commit(&self, _graph: &mut BlockGraph) {
+        self.settle_bitmap(true);
+    }
+
+    fn abort(&self, _graph: &mut BlockGraph) {
+        self.settle_bitmap(false);
+    }
+
     fn drains(&self) -> (u32, u32) {
         // Taking the filter out and dropping the job's edges, then freeing the job.
         (3, 1)
@@ -282,30 +339,86 @@ async fn skip_unallocated(state: &CbwState, source: &block::Node) -> Result<(), 
     Ok(())
 }
 
-/// The sync mode, refusing the bitmap modes as QEMU does when no bitmap can be found.
+/// The sync mode, with QEMU's checks that need no node.
 fn parse_sync(a: &BackupArgs) -> Result<Sync, QmpError> {
-    let sync = match a.sync.as_str() {
+    Ok(match a.sync.as_str() {
         "full" => Sync::Full,
         "top" => Sync::Top,
         "none" => Sync::None,
-        "incremental" if a.bitmap.is_none() => {
+        mode => {
+            if mode == "incremental" && a.bitmap_mode.as_deref().is_some_and(|m| m != "on-success")
+            {
+                return Err(QmpError::generic(
+                    "Bitmap sync mode must be 'on-success' when using sync mode 'incremental'",
+                ));
+            }
+            if a.bitmap.is_none() {
+                return Err(QmpError::generic(format!(
+                    "must provide a valid bitmap name for '{mode}' sync mode"
+                )));
+            }
+            Sync::Bitmap
+        }
+    })
+}
+
+/// The sync bitmap, looked up on the source and checked as QEMU does.
+fn sync_bitmap(
+    a: &BackupArgs,
+    source: &block::Node,
+    sync: Sync,
+) -> Result<Option<SyncBitmap>, QmpError> {
+    let Some(name) = &a.bitmap else {
+        if a.bitmap_mode.is_some() {
             return Err(QmpError::generic(
-                "must provide a valid bitmap name for 'incremental' sync mode",
+                "Cannot specify bitmap sync mode without a bitmap",
+            ));
+        }
+        return Ok(None);
+    };
+    let bitmap = source
+        .bitmaps()
+        .get(name)
+        .ok_or_else(|| QmpError::generic(format!("Bitmap '{name}' could not be found")))?;
+    let mode = match (a.sync.as_str(), a.bitmap_mode.as_deref()) {
+        ("incremental", _) | (_, Some("on-success")) => BitmapMode::OnSuccess,
+        (_, Some("never")) => BitmapMode::Never,
+        (_, Some(_)) => BitmapMode::Always,
+        (_, None) => {
+            return Err(QmpError::generic(
+                "Bitmap sync mode must be given when providing a bitmap",
             ))
         }
-        _ => {
-            let name = a.bitmap.clone().unwrap_or_default();
-            return Err(QmpError::generic(format!(
-                "Bitmap '{name}' could not be found"
-            )));
-        }
     };
-    if let Some(name) = &a.bitmap {
+    bitmap
+        .check(block::dirty::Check::BusyInconsistent)
+        .map_err(QmpError::generic)?;
+    if sync == Sync::None {
+        return Err(QmpError::generic(
+            "sync mode 'none' does not produce meaningful bitmap outputs",
+        ));
+    }
+    if mode == BitmapMode::Never && sync != Sync::Bitmap {
         return Err(QmpError::generic(format!(
-            "Bitmap '{name}' could not be found"
+            "Bitmap sync mode 'never' has no meaningful effect when combined with sync mode '{}'",
+            a.sync
         )));
     }
-    Ok(sync)
+    Ok(Some(SyncBitmap { bitmap, mode }))
+}
+
+/// Leaves out of the copy every cluster the frozen sync bitmap has no dirty byte in.
+fn skip_clean(state: &CbwState, bits: &bitmap::DirtyBitmap) {
+    let cs = state.cluster_size();
+    let clusters = state.clusters();
+    let mut c = 0;
+    while c < clusters {
+        let dirty = bits.next_dirty(c * cs).map_or(clusters, |pos| pos / cs);
+        for clean in c..dirty.min(clusters) {
+            state.skip(clean);
+        }
+        c = dirty + 1;
+    }
 }
 
 fn not_found(name: &str) -> QmpError {
@@ -354,7 +467,8 @@ pub async fn prepare_blockdev_backup(
         if source.name() == target.name() {
             return Err(QmpError::generic("Source and target cannot be the same"));
         }
-        start(state, &a, job_id, sync, source, target, false, txn).await
+        let sb = sync_bitmap(&a, &source, sync)?;
+        start(state, &a, job_id, (sync, sb), source, target, false, txn).await
     }
 }
 
@@ -396,8 +510,9 @@ pub async fn prepare_drive_backup(
                 }
             },
             Sync::None => Some(source.clone()),
-            Sync::Full => None,
+            Sync::Full | Sync::Bitmap => None,
         };
+        let sb = sync_bitmap(&a, &source, sync)?;
         let existing = a.mode.as_deref() == Some("existing");
         // An existing image's format is probed, as QEMU opens it; a new one takes the
         // source's.
@@ -422,7 +537,7 @@ pub async fn prepare_drive_backup(
         let opts: block::BlockdevOptions = args(opts)?;
         let target = state.graph.add_implicit(opts).await.map_err(block_error)?;
         let name = target.name().to_string();
-        let started = start(state, &a, job_id, sync, source, target, true, txn).await;
+        let started = start(state, &a, job_id, (sync, sb), source, target, true, txn).await;
         if started.is_err() {
             state.graph.release_later(&name);
         }
@@ -504,6 +619,25 @@ async fn create_image(
     created
 }
 
+/// Puts the copy-before-write filter of `cbw` above the source.
+async fn insert(
+    state: &mut State,
+    a: &BackupArgs,
+    cbw: &Arc<CbwState>,
+) -> Result<Arc<block::Node>, block::Error> {
+    let driver = CbwDriver::new(cbw.clone());
+    let children = driver.children();
+    state
+        .graph
+        .insert_filter(
+            &a.device,
+            a.filter_node_name.clone(),
+            Box::new(driver),
+            children,
+        )
+        .await
+}
+
 /// Everything after the nodes are known: checks, the filter, the job (created in `txn`,
 /// not started); returns the job's id.
 #[allow(clippy::too_many_arguments)]
@@ -511,7 +645,7 @@ async fn start(
     state: &mut State,
     a: &BackupArgs,
     job_id: String,
-    sync: Sync,
+    (sync, sync_bitmap): (Sync, Option<SyncBitmap>),
     source: Arc<block::Node>,
     target: Arc<block::Node>,
     release_target: bool,
@@ -533,6 +667,12 @@ async fn start(
         ));
     }
     let cluster = DEFAULT_CLUSTER.max(target.driver().info().cluster_size.unwrap_or(0));
+    if sync == Sync::Bitmap && target.driver_name() == "null-co" && target.backing().is_none() {
+        // QEMU's warning for a target that tells no cluster size (its words).
+        eprintln!(
+            "warning: The target block device doesn't provide information about the block size and it doesn't have a backing file. The (default) block size of 65536 bytes is used. If the actual block size of the target exceeds this value, the backup may be unusable"
+        );
+    }
     // QEMU opens the filter node (so a name in use fails here, before any job exists),
     // creates the job, then attaches the filter's children.
     if let Some(name) = &a.filter_node_name {
@@ -594,25 +734,32 @@ async fn start(
         chunk_clusters,
         held: Mutex::new(None),
         release_target: release_target.then(|| target.name().to_string()),
+        sync_bitmap,
     });
     // QEMU drains all nodes while it opens the filter, and once more when the filter goes
     // in; other running jobs show each as a pause.
     state.jobs.drain_blip(DRAINS_BEFORE_CREATE);
     let id = state.jobs.create(opts, job.clone()).map_err(job_error)?;
-    let driver = CbwDriver::new(cbw.clone());
-    let children = driver.children();
-    let inserted = state
-        .graph
-        .insert_filter(
-            &a.device,
-            a.filter_node_name.clone(),
-            Box::new(driver),
-            children,
-        )
-        .await;
+    // The bitmap freezes and the filter goes in with no write to the source between them:
+    // a write is either in the frozen bits or recorded by the successor.
+    source.gate().drain().await;
+    if let Some(sb) = &job.sync_bitmap {
+        let frozen = sb.bitmap.freeze();
+        if sync == Sync::Bitmap {
+            skip_clean(&cbw, &frozen);
+        }
+    }
+    let inserted = insert(state, a, &cbw).await;
+    source.gate().undrain();
+    let unfreeze = |job: &BackupJob| {
+        if let Some(sb) = &job.sync_bitmap {
+            sb.bitmap.reclaim();
+        }
+    };
     let filter = match inserted {
         Ok(filter) => filter,
         Err(err) => {
+            unfreeze(&job);
             let _ = state.jobs.discard(id.as_str());
             let msg = match err {
                 block::Error::DuplicateNodeName(_) => {
@@ -644,6 +791,7 @@ async fn start(
     let held = match held {
         Ok(held) => held,
         Err(err) => {
+            unfreeze(&job);
             let _ = state.jobs.discard(id.as_str());
             let _ = state.graph.remove_filter(filter.name());
             return Err(block_error(err));
