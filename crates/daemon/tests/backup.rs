@@ -7,30 +7,13 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
+use testkit::tools::{path as p, tool as run};
 use testkit::{Daemon, Qmp};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
 fn blockd() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blockd"))
-}
-
-fn run(program: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed (install qemu-utils): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn p(dir: &Path, name: &str) -> String {
-    dir.join(name).to_string_lossy().into_owned()
 }
 
 /// Starts blockd with `src` and `tgt` nodes of the given formats over the files.

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod proc;
 pub mod qmp;
 pub mod scenario;
+pub mod tools;
 
 pub use daemon::{
     find_tool, probe_monitor, qsd_path, start_qsd, start_qsd_checked, Daemon, Session,
