@@ -588,6 +588,7 @@ mod tests {
         buffers.give(b);
         // Huge buffers are not kept.
         buffers.give(vec![0; Buffers::KEEP_LEN + 1]);
-        assert_eq!(buffers.take(1).as_ptr(), ptr);
+        let c = buffers.take(1);
+        assert_eq!(c.as_ptr(), ptr);
     }
 }
