@@ -3,13 +3,15 @@
 //! The server listens on a unix or TCP socket and hands each client to [`nbd::Server`]. An
 //! export is a block backend (a user edge on the node, holding read and, if writable,
 //! write, and refusing to share resize, as QEMU's export does) served through
-//! [`NodeBackend`].
+//! [`NodeBackend`]. The bitmaps an export offers (`qemu:dirty-bitmap:NAME`) are busy while
+//! the backend lives: until the export is gone and its last client with it.
 
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use block::dirty::NodeBitmap;
 use block::driver::{WriteFlags, ZeroFlags};
 use block::{Backend, Node};
 use indexmap::IndexMap;
@@ -139,6 +141,16 @@ fn to_io(err: block::Error) -> io::Error {
 /// An export's view of its node.
 pub struct NodeBackend {
     pub user: Backend,
+    /// The exported bitmaps, in the export's order; each was marked busy for the export.
+    pub bitmaps: Vec<Arc<NodeBitmap>>,
+}
+
+impl Drop for NodeBackend {
+    fn drop(&mut self) {
+        for bitmap in &self.bitmaps {
+            bitmap.lock().busy = false;
+        }
+    }
 }
 
 #[async_trait]
@@ -212,6 +224,24 @@ impl nbd::Backend for NodeBackend {
                     return Ok((len, flags));
                 }
             }
+        }
+    }
+
+    async fn dirty(&self, index: usize, offset: u64, len: u64) -> io::Result<(u64, u32)> {
+        let bitmap = self
+            .bitmaps
+            .get(index)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let state = bitmap.lock();
+        let bits = &state.bits;
+        let end = offset + len;
+        // Past the bitmap's end (a bitmap of a shorter node) everything is clean.
+        if bits.get(offset) {
+            let run_end = bits.next_clean(offset).unwrap_or(bits.size()).min(end);
+            Ok((run_end - offset, nbd::proto::STATE_DIRTY))
+        } else {
+            let run_end = bits.next_dirty(offset).unwrap_or(end).min(end);
+            Ok((run_end - offset, 0))
         }
     }
 

@@ -53,6 +53,7 @@ scenarios!(
     fleecing,
     job_verbs,
     malformed_input,
+    nbd_bitmaps,
     nbd_exports,
     negotiation,
     negotiation_without_oob,

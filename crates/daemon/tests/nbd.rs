@@ -1,7 +1,8 @@
 //! NBD exports through the `blockd` binary, against real clients and against
 //! qemu-storage-daemon: the same images exported by both daemons must look the same to
 //! `qemu-img map`, `nbdinfo --json` and `nbdinfo --map` (base:allocation and
-//! qemu:allocation-depth), and data written through blockd's export must land in the image.
+//! qemu:allocation-depth, and qemu:dirty-bitmap:NAME after writes through the exports), and
+//! data written through blockd's export must land in the image.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -292,4 +293,112 @@ fn inet_export_serves_nbd_urls() {
     daemon
         .wait_exit(std::time::Duration::from_secs(20))
         .unwrap();
+}
+
+/// What the clients see of bitmap `b0` after writes through export `disk`, then through
+/// export `bm` (writable, offering the enabled bitmap): the map from `nbdinfo` and from
+/// `qemu-img map` with `x-dirty-bitmap`, the export list with its contexts, and the
+/// bitmap's `busy` flag while exported and after `block-export-del`.
+fn dirty_bitmap_views(qsd: bool) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let img = p(dir.path(), "a.raw");
+    qemu(&["qemu-img", "create", "-q", "-f", "raw", &img, "8M"]);
+    let blockdevs = vec![format!("driver=file,node-name=f,filename={img}")];
+    let args = args(dir.path(), &blockdevs, "f");
+    let (_daemon, mut qmp) = if qsd {
+        start_qsd(Some(dir.path()), &args, Session::Negotiated).expect("qemu-storage-daemon starts")
+    } else {
+        let mut d = Daemon::start_in(&blockd(), dir.path(), &args).expect("blockd starts");
+        let q = d.qmp().unwrap();
+        (d, q)
+    };
+    wait_socket(dir.path());
+    let sock = p(dir.path(), "nbd.sock");
+    let uri = |export: &str| format!("nbd+unix:///{export}?socket={sock}");
+    qmp.execute("block-dirty-bitmap-add", json!({"node": "f", "name": "b0"}))
+        .unwrap();
+    qemu(&[
+        "qemu-io",
+        "-f",
+        "raw",
+        "-c",
+        "write 1M 4k",
+        "-c",
+        "write 3132k 8k",
+        "-c",
+        "write 7M 1M",
+        &uri("disk"),
+    ]);
+    qmp.execute(
+        "block-export-add",
+        json!({"type": "nbd", "id": "e1", "node-name": "f", "name": "bm",
+               "writable": true, "bitmaps": ["b0"]}),
+    )
+    .unwrap();
+    qemu(&["qemu-io", "-f", "raw", "-c", "write 5M 512", &uri("bm")]);
+    let busy = |qmp: &mut testkit::Qmp| {
+        let nodes = qmp
+            .execute("query-named-block-nodes", json!({"flat": true}))
+            .unwrap();
+        nodes[0]["dirty-bitmaps"].to_string()
+    };
+    let out = |o: Output| String::from_utf8_lossy(&o.stdout).replace(&sock, "SOCK");
+    let views = vec![
+        out(tool(
+            "nbdinfo",
+            "libnbd-bin",
+            &["--map=qemu:dirty-bitmap:b0", &uri("bm")],
+        )),
+        out(qemu(&[
+            "qemu-img",
+            "map",
+            "--output=json",
+            "--image-opts",
+            &format!(
+                "driver=nbd,server.type=unix,server.path={sock},export=bm,\
+                 x-dirty-bitmap=qemu:dirty-bitmap:b0"
+            ),
+        ])),
+        out(tool(
+            "nbdinfo",
+            "libnbd-bin",
+            &["--list", &format!("nbd+unix://?socket={sock}")],
+        )),
+        busy(&mut qmp),
+    ];
+    qmp.execute("block-export-del", json!({"id": "e1"}))
+        .unwrap();
+    let freed = busy(&mut qmp);
+    qmp.execute("quit", json!({})).unwrap();
+    [views, vec![freed]].concat()
+}
+
+#[test]
+fn dirty_bitmap_context_shows_the_written_ranges_as_qsd_does() {
+    let blockd = dirty_bitmap_views(false);
+    let qsd = dirty_bitmap_views(true);
+    let names = [
+        "nbdinfo --map",
+        "qemu-img map",
+        "nbdinfo --list",
+        "busy while exported",
+        "busy after block-export-del",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        assert_eq!(blockd[i], qsd[i], "{name}: blockd (left) vs QSD (right)");
+    }
+    // Whole 64 KiB chunks: 3132k + 8k spans two of them.
+    let expected = "         0     1048576    0  clean
+   1048576       65536    1  dirty
+   1114112     2031616    0  clean
+   3145728      131072    1  dirty
+   3276800     1966080    0  clean
+   5242880       65536    1  dirty
+   5308416     2031616    0  clean
+   7340032     1048576    1  dirty
+";
+    assert_eq!(blockd[0], expected);
+    assert!(blockd[2].contains("qemu:dirty-bitmap:b0"), "{}", blockd[2]);
+    assert!(blockd[3].contains("\"busy\":true"), "{}", blockd[3]);
+    assert!(blockd[4].contains("\"busy\":false"), "{}", blockd[4]);
 }

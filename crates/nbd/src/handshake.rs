@@ -12,6 +12,10 @@ use crate::{Export, Server};
 /// Meta context ids, fixed as QEMU numbers them.
 pub(crate) const CTX_BASE: u32 = 0;
 pub(crate) const CTX_DEPTH: u32 = 1;
+/// The first exported bitmap's id; bitmap `i` of the export is `CTX_BITMAP + i`.
+pub(crate) const CTX_BITMAP: u32 = 2;
+/// The prefix of a bitmap's context name.
+const BITMAP_PREFIX: &str = "qemu:dirty-bitmap:";
 
 /// What transmission needs from the handshake.
 pub(crate) struct Session {
@@ -423,24 +427,41 @@ async fn info_or_go<W: AsyncWrite + Unpin>(
     }))
 }
 
-/// The contexts export `export` offers, as (id, name).
-fn offered(export: &Export) -> Vec<(u32, &'static str)> {
-    let mut v = vec![(CTX_BASE, "base:allocation")];
+/// The contexts export `export` offers, as (id, name), in id order.
+fn offered(export: &Export) -> Vec<(u32, String)> {
+    let mut v = vec![(CTX_BASE, "base:allocation".to_string())];
     if export.allocation_depth {
-        v.push((CTX_DEPTH, "qemu:allocation-depth"));
+        v.push((CTX_DEPTH, "qemu:allocation-depth".to_string()));
     }
+    v.extend(bitmap_contexts(export));
     v
 }
 
-/// Which offered contexts `query` selects; `list` allows the namespace wildcards.
-fn matches(export: &Export, query: &str, list: bool) -> Vec<(u32, &'static str)> {
-    offered(export)
+/// The exported bitmaps' contexts.
+fn bitmap_contexts(export: &Export) -> impl Iterator<Item = (u32, String)> + '_ {
+    (CTX_BITMAP..)
+        .zip(&export.bitmaps)
+        .map(|(id, name)| (id, format!("{BITMAP_PREFIX}{name}")))
+}
+
+/// Which offered contexts `query` selects; `list` allows the wildcards `base:`, `qemu:`
+/// and `qemu:dirty-bitmap:`. An exact bitmap name selects the first bitmap of that name.
+fn matches(export: &Export, query: &str, list: bool) -> Vec<(u32, String)> {
+    let wildcard = |name: &str| {
+        list && match query {
+            "base:" | "qemu:" => name.starts_with(query),
+            BITMAP_PREFIX => name.starts_with(BITMAP_PREFIX),
+            _ => false,
+        }
+    };
+    let mut found: Vec<(u32, String)> = offered(export)
         .into_iter()
-        .filter(|(_, name)| {
-            *name == query
-                || (list && (query == "base:" || query == "qemu:") && name.starts_with(query))
-        })
-        .collect()
+        .filter(|(_, name)| *name == query || wildcard(name))
+        .collect();
+    if query.starts_with(BITMAP_PREFIX) && query != BITMAP_PREFIX {
+        found.truncate(1);
+    }
+    found
 }
 
 async fn meta_context<W: AsyncWrite + Unpin>(
@@ -490,7 +511,7 @@ async fn meta_context<W: AsyncWrite + Unpin>(
         let text = format!("export '{name}' not present");
         return error(wr, opt, REP_ERR_UNKNOWN, &text).await;
     };
-    let mut chosen: Vec<(u32, &'static str)> = if count == 0 && !set {
+    let mut chosen: Vec<(u32, String)> = if count == 0 && !set {
         offered(&export)
     } else {
         queries

@@ -67,6 +67,9 @@ pub trait Backend: Send + Sync {
     /// `qemu:allocation-depth`: the length of the run at `offset` and the depth in the
     /// backing chain where it is allocated (0: nowhere, 1: the exported node, ...).
     async fn depth(&self, offset: u64, len: u64) -> io::Result<(u64, u32)>;
+    /// `qemu:dirty-bitmap:NAME` for the export's bitmap `index` (in [`Export::bitmaps`]
+    /// order): the length of the run at `offset` and [`proto::STATE_DIRTY`] or 0.
+    async fn dirty(&self, index: usize, offset: u64, len: u64) -> io::Result<(u64, u32)>;
 }
 
 /// One export.
@@ -79,6 +82,9 @@ pub struct Export {
     pub writable: bool,
     /// Offer the `qemu:allocation-depth` meta context.
     pub allocation_depth: bool,
+    /// The exported dirty bitmaps' names: each is offered as the meta context
+    /// `qemu:dirty-bitmap:NAME` and answered by [`Backend::dirty`].
+    pub bitmaps: Vec<String>,
     /// What is served.
     pub backend: Arc<dyn Backend>,
 }

@@ -110,6 +110,8 @@ pub const ESHUTDOWN: u32 = 108;
 /// `base:allocation` extent flags.
 pub const STATE_HOLE: u32 = 1;
 pub const STATE_ZERO: u32 = 2;
+/// `qemu:dirty-bitmap:NAME` extent flag: the range is dirty in the bitmap.
+pub const STATE_DIRTY: u32 = 1;
 
 /// Longest export name, description or meta-context query QEMU accepts.
 pub const MAX_STRING: usize = 4096;

@@ -11,7 +11,7 @@ use tokio::io::{
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinSet;
 
-use crate::handshake::{Session, CTX_BASE};
+use crate::handshake::{Session, CTX_BASE, CTX_BITMAP, CTX_DEPTH};
 use crate::proto::*;
 
 /// Most extents in one block-status chunk (QEMU's limit).
@@ -326,10 +326,10 @@ async fn block_status(s: &Session, req: Request) -> Result<Success, Failure> {
         while pos < end {
             let want = (end - pos).min(u64::from(u32::MAX) & !511);
             let b = &s.export.backend;
-            let (len, flags) = if ctx == CTX_BASE {
-                b.allocation(pos, want).await
-            } else {
-                b.depth(pos, want).await
+            let (len, flags) = match ctx {
+                CTX_BASE => b.allocation(pos, want).await,
+                CTX_DEPTH => b.depth(pos, want).await,
+                _ => b.dirty((ctx - CTX_BITMAP) as usize, pos, want).await,
             }
             .map_err(|e| io_fail(&e))?;
             let len = len.clamp(1, want);
@@ -588,6 +588,7 @@ mod tests {
         buffers.give(b);
         // Huge buffers are not kept.
         buffers.give(vec![0; Buffers::KEEP_LEN + 1]);
-        assert_eq!(buffers.take(1).as_ptr(), ptr);
+        let c = buffers.take(1);
+        assert_eq!(c.as_ptr(), ptr);
     }
 }

@@ -6,46 +6,9 @@ mod common;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
-use std::time::Duration;
 
-use common::Fixture;
+use common::{connect, hello, option, option_reply, request, Fixture};
 use nbd::proto::*;
-
-fn connect(f: &Fixture) -> UnixStream {
-    let s = UnixStream::connect(&f.socket).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s
-}
-
-/// Reads the greeting and sends the client flags.
-fn hello(s: &mut UnixStream, flags: u32) {
-    let mut greeting = [0u8; 18];
-    s.read_exact(&mut greeting).unwrap();
-    assert_eq!(&greeting[..8], &NBDMAGIC.to_be_bytes());
-    assert_eq!(&greeting[16..], &3u16.to_be_bytes());
-    s.write_all(&flags.to_be_bytes()).unwrap();
-}
-
-fn option(s: &mut UnixStream, opt: u32, payload: &[u8]) {
-    let mut m = IHAVEOPT.to_be_bytes().to_vec();
-    m.extend_from_slice(&opt.to_be_bytes());
-    m.extend_from_slice(&(payload.len() as u32).to_be_bytes());
-    m.extend_from_slice(payload);
-    s.write_all(&m).unwrap();
-}
-
-/// Reads one option reply: (option, type, payload).
-fn option_reply(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
-    let mut h = [0u8; 20];
-    s.read_exact(&mut h).unwrap();
-    assert_eq!(&h[..8], &REPLY_MAGIC.to_be_bytes());
-    let opt = u32::from_be_bytes(h[8..12].try_into().unwrap());
-    let ty = u32::from_be_bytes(h[12..16].try_into().unwrap());
-    let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-    let mut data = vec![0u8; len as usize];
-    s.read_exact(&mut data).unwrap();
-    (opt, ty, data)
-}
 
 /// Whether the server closed the connection (EOF, or reset).
 fn closed(s: &mut UnixStream) -> bool {
@@ -68,16 +31,6 @@ fn transmission(f: &Fixture) -> UnixStream {
     let mut reply = [0u8; 10];
     s.read_exact(&mut reply).unwrap();
     s
-}
-
-fn request(s: &mut UnixStream, cmd: u16, flags: u16, cookie: u64, offset: u64, len: u32) {
-    let mut m = REQUEST_MAGIC.to_be_bytes().to_vec();
-    m.extend_from_slice(&flags.to_be_bytes());
-    m.extend_from_slice(&cmd.to_be_bytes());
-    m.extend_from_slice(&cookie.to_be_bytes());
-    m.extend_from_slice(&offset.to_be_bytes());
-    m.extend_from_slice(&len.to_be_bytes());
-    s.write_all(&m).unwrap();
 }
 
 /// Reads a simple reply and returns (error, cookie).

@@ -126,7 +126,7 @@ fn qemu_img_info_map_and_convert_both_ways() {
 }
 
 #[test]
-fn nbdinfo_lists_and_maps_both_contexts() {
+fn nbdinfo_lists_and_maps_every_context() {
     let f = Fixture::new();
     let uri = f.uri();
     tool(
@@ -147,7 +147,9 @@ fn nbdinfo_lists_and_maps_both_contexts() {
         "{list}"
     );
     assert!(
-        list.contains("base:allocation") && list.contains("qemu:allocation-depth"),
+        list.contains("base:allocation")
+            && list.contains("qemu:allocation-depth")
+            && list.contains("qemu:dirty-bitmap:writes"),
         "{list}"
     );
     let map = text(&tool("nbdinfo", "libnbd-bin", &["--map", &uri]));
@@ -158,6 +160,12 @@ fn nbdinfo_lists_and_maps_both_contexts() {
         &["--map=qemu:allocation-depth", &uri],
     ));
     assert!(depth.contains("1048576      131072    1"), "{depth}");
+    let dirty = text(&tool(
+        "nbdinfo",
+        "libnbd-bin",
+        &["--map=qemu:dirty-bitmap:writes", &uri],
+    ));
+    assert!(dirty.contains("1048576      131072    1  dirty"), "{dirty}");
     // The server notices the clients' close on its own time.
     for _ in 0..100 {
         if f.server.connections() == 0 {

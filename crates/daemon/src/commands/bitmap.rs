@@ -234,6 +234,7 @@ pub fn prepare_merge(state: &mut State, a: Value) -> Result<BitmapUndo, QmpError
             Source::External { node, name } => (node.as_str(), name.as_str()),
         };
         let (_, src) = lookup(&state.graph, node, name)?;
+        // Busy sources (exported, or frozen by a job) and inconsistent ones are refused.
         checked(&src, Check::BusyInconsistent)?;
         let bits = src.lock().bits.clone();
         merged.merge(&bits).map_err(|_| {

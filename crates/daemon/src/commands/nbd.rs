@@ -5,13 +5,14 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use block::Perm;
+use block::dirty::{Check, NodeBitmap};
+use block::{Node, Perm};
 use qapi::QmpError;
 use qmp::Event;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{args, empty, Reply};
+use super::{args, bitmap, empty, Reply};
 use crate::control::State;
 use crate::exports::{self, ExportRecord, Listen, NodeBackend};
 
@@ -167,6 +168,15 @@ pub fn add_export(state: &mut State, a: ExportArgs) -> Result<(), String> {
             a.node_name
         ));
     }
+    let writable = a.writable.unwrap_or(false);
+    if writable
+        && state
+            .graph
+            .get(&a.node_name)
+            .is_some_and(|n| n.is_read_only())
+    {
+        return Err("Cannot export read-only node as writable".into());
+    }
     let Some(nbd) = &state.exports.nbd else {
         return Err("NBD server not running".into());
     };
@@ -183,14 +193,7 @@ pub fn add_export(state: &mut State, a: ExportArgs) -> Result<(), String> {
     {
         return Err("description too long".into());
     }
-    if let Some(first) = a.bitmaps.as_ref().and_then(|b| b.first()) {
-        let bitmap = first
-            .as_str()
-            .or_else(|| first.get("name").and_then(Value::as_str))
-            .unwrap_or_default();
-        return Err(format!("Bitmap '{bitmap}' is not found"));
-    }
-    let writable = a.writable.unwrap_or(false);
+    let bitmaps = export_bitmaps(state, &a, writable)?;
     let perm = if writable {
         Perm::CONSISTENT_READ | Perm::WRITE
     } else {
@@ -206,8 +209,16 @@ pub fn add_export(state: &mut State, a: ExportArgs) -> Result<(), String> {
         description: a.description.clone(),
         writable,
         allocation_depth: a.allocation_depth.unwrap_or(false),
-        backend: Arc::new(NodeBackend { user: serving }),
+        bitmaps: bitmaps.iter().map(|b| b.name().to_string()).collect(),
+        backend: Arc::new(NodeBackend {
+            user: serving,
+            bitmaps: bitmaps.clone(),
+        }),
     };
+    // Busy only once nothing can fail: the backend's drop frees them.
+    for bitmap in &bitmaps {
+        bitmap.lock().busy = true;
+    }
     nbd.server
         .add_export(export)
         .map_err(|_| format!("NBD server already has export named '{name}'"))?;
@@ -220,6 +231,56 @@ pub fn add_export(state: &mut State, a: ExportArgs) -> Result<(), String> {
         },
     );
     Ok(())
+}
+
+/// The bitmaps export `a` offers, checked as QEMU checks them: a bare name is looked for
+/// on the exported node and down its backing (or filtered) chain, `{node, name}` on any
+/// node; busy and inconsistent bitmaps are refused, and so is an enabled bitmap found by
+/// its bare name on a writable node when the export is read-only (QEMU lets the
+/// `{node, name}` form through).
+fn export_bitmaps(
+    state: &State,
+    a: &ExportArgs,
+    writable: bool,
+) -> Result<Vec<Arc<NodeBitmap>>, String> {
+    let mut found = Vec::new();
+    for spec in a.bitmaps.iter().flatten() {
+        let (changing, bitmap) = match spec {
+            Value::String(name) => {
+                let (node, bitmap) = chain_bitmap(state, &a.node_name, name)
+                    .ok_or_else(|| format!("Bitmap '{name}' is not found"))?;
+                (!node.is_read_only(), bitmap)
+            }
+            other => {
+                let field = |f: &str| other.get(f).and_then(Value::as_str).unwrap_or_default();
+                let (_, bitmap) = bitmap::lookup(&state.graph, field("node"), field("name"))
+                    .map_err(|e| e.desc)?;
+                (false, bitmap)
+            }
+        };
+        if changing && !writable && bitmap.lock().enabled {
+            return Err(format!(
+                "Enabled bitmap '{}' incompatible with readonly export",
+                bitmap.name()
+            ));
+        }
+        bitmap.check(Check::BusyInconsistent)?;
+        found.push(bitmap);
+    }
+    Ok(found)
+}
+
+/// Bitmap `name` on node `top` or the first node below it (backing or filtered child)
+/// that has one.
+fn chain_bitmap(state: &State, top: &str, name: &str) -> Option<(Arc<Node>, Arc<NodeBitmap>)> {
+    let mut node = state.graph.get(top);
+    while let Some(n) = node {
+        if let Some(bitmap) = n.bitmaps().get(name) {
+            return Some((n, bitmap));
+        }
+        node = n.backing().or_else(|| n.filtered()).cloned();
+    }
+    None
 }
 
 pub fn block_export_add(state: &mut State, a: Value) -> Reply<'_> {
