@@ -785,8 +785,12 @@ impl BlockGraph {
             .get(below)
             .ok_or_else(|| Error::NodeNotFound(below.to_string()))?;
         let parents = node.parents();
+        // A parent that reads the node as its backing file writes nothing through it, so it
+        // may keep reading the node directly: a filter only has to see writes. Any other
+        // node parent would bypass the filter.
         if let Some(ParentKey::Node(parent)) = parents
             .iter()
+            .filter(|e| e.role != "backing")
             .map(|e| e.key.clone())
             .find(|k| matches!(k, ParentKey::Node(_)))
         {

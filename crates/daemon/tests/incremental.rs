@@ -503,3 +503,125 @@ fn a_bitmap_left_in_use_by_a_crash_is_inconsistent_as_in_qemu() {
         "{info}"
     );
 }
+
+/// Pull mode: at the point in time a copy-before-write filter goes over the disk and the
+/// bitmap of the changes since the last backup is frozen; its snapshot view is exported
+/// with that bitmap; the client reads only the dirty extents (`nbdinfo --map`, `qemu-img
+/// dd`) onto the last backup and gets the disk as it was at that point, while the disk is
+/// written meanwhile.
+#[test]
+fn pull_mode_reads_only_the_dirty_extents_of_a_point_in_time_view() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    new_source(d);
+    let fleece = path(d, "fleece.qcow2");
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", &fleece, SIZE]);
+    let extra = [
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=ff,filename={fleece}"),
+        "--blockdev".to_string(),
+        "driver=qcow2,node-name=fl,file=ff,backing=src".to_string(),
+    ];
+    let mut disk = Disk::start(d, &extra);
+    let full = disk.full_backup(d);
+    let written = [
+        (64u64 << 10, 64u64 << 10),
+        (10 << 20, 200 << 10),
+        (31 << 20, 4096),
+    ];
+    disk.write(0x71, &written);
+    let reference = disk.snapshot(d, "ref.raw");
+    // The point in time: the live disk goes through the filter from now on.
+    disk.qmp
+        .execute("block-export-del", json!({"id": "e0"}))
+        .expect("block-export-del");
+    disk.qmp
+        .wait_event("BLOCK_EXPORT_DELETED", LIMIT)
+        .expect("export gone");
+    disk.qmp
+        .execute(
+            "transaction",
+            json!({"actions": [
+                {"type": "block-dirty-bitmap-add", "data": {"node": "src", "name": "b1"}},
+                {"type": "block-dirty-bitmap-disable", "data": {"node": "src", "name": "b0"}}]}),
+        )
+        .expect("transaction");
+    for (args, what) in [
+        (
+            json!({"driver": "copy-before-write", "node-name": "cbw", "file": "src", "target": "fl"}),
+            "copy-before-write",
+        ),
+        (
+            json!({"driver": "snapshot-access", "node-name": "acc", "file": "cbw"}),
+            "snapshot-access",
+        ),
+        (
+            json!({"type": "nbd", "id": "live", "node-name": "cbw", "name": "disk", "writable": true}),
+            "live export",
+        ),
+        (
+            json!({"type": "nbd", "id": "pit", "node-name": "acc", "name": "pit",
+                   "bitmaps": [{"node": "src", "name": "b0"}]}),
+            "point-in-time export",
+        ),
+    ] {
+        let command = if what.ends_with("export") {
+            "block-export-add"
+        } else {
+            "blockdev-add"
+        };
+        disk.qmp.execute(command, args).expect(what);
+    }
+    // The disk changes on, also where the backup still has to read.
+    disk.write(0x72, &[(10 << 20, 64 << 10), (20 << 20, 1 << 20)]);
+    let pit = disk.uri.replace("/disk?", "/pit?");
+    let sock = path(d, "nbd.sock");
+    let map = tool("nbdinfo", &["--map=qemu:dirty-bitmap:b0", "--json", &pit]);
+    let map: Value = serde_json::from_slice(&map.stdout).unwrap();
+    let dirty: Vec<(u64, u64)> = map
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == 1)
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(
+        dirty,
+        [
+            (64 << 10, 64 << 10),
+            (10 << 20, 256 << 10),
+            (31 << 20, 64 << 10)
+        ]
+    );
+    // Onto the last backup go only the dirty extents of the view.
+    let restored = path(d, "restored.raw");
+    tool(
+        "qemu-img",
+        &["convert", "-f", "qcow2", "-O", "raw", &full, &restored],
+    );
+    let mut image = std::fs::read(&restored).unwrap();
+    for (offset, length) in dirty {
+        let piece = path(d, "piece.raw");
+        let _ = std::fs::remove_file(&piece);
+        // A raw view of just this extent, read from the export.
+        let view = format!(
+            "driver=raw,offset={offset},size={length},file.driver=nbd,\
+             file.server.type=unix,file.server.path={sock},file.export=pit"
+        );
+        tool(
+            "qemu-img",
+            &["convert", "--image-opts", &view, "-O", "raw", &piece],
+        );
+        let bytes = std::fs::read(&piece).unwrap();
+        assert_eq!(bytes.len() as u64, length);
+        image[offset as usize..(offset + length) as usize].copy_from_slice(&bytes);
+    }
+    std::fs::write(&restored, &image).unwrap();
+    compare(&restored, &reference);
+    // The view as a whole is the disk at that point too.
+    tool(
+        "qemu-img",
+        &["compare", "-f", "raw", "-F", "raw", &pit, &reference],
+    );
+    disk.quit();
+}
