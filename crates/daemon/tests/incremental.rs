@@ -178,6 +178,17 @@ fn top_layer_bytes(image: &str) -> u64 {
         .sum()
 }
 
+/// The dirty extents (offset, length) in `nbdinfo --map=qemu:dirty-bitmap:... --json`.
+fn dirty_extents(json: &[u8]) -> Vec<(u64, u64)> {
+    let map: Value = serde_json::from_slice(json).unwrap();
+    map.as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["type"] == 1)
+        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
 /// An overlay for the next incremental backup, over `backing`.
 fn overlay(dir: &Path, name: &str, backing: &str) -> String {
     let img = path(dir, name);
@@ -397,14 +408,7 @@ fn persistent_bitmaps_interoperate_with_qemu_img_both_ways() {
     );
     let _ = qnbd.kill();
     let _ = qnbd.wait();
-    let map: Value = serde_json::from_slice(&map.stdout).unwrap();
-    let dirty: Vec<(u64, u64)> = map
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == 1)
-        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect();
+    let dirty = dirty_extents(&map.stdout);
     assert_eq!(
         dirty,
         [
@@ -577,14 +581,7 @@ fn pull_mode_reads_only_the_dirty_extents_of_a_point_in_time_view() {
     let pit = disk.uri.replace("/disk?", "/pit?");
     let sock = path(d, "nbd.sock");
     let map = tool("nbdinfo", &["--map=qemu:dirty-bitmap:b0", "--json", &pit]);
-    let map: Value = serde_json::from_slice(&map.stdout).unwrap();
-    let dirty: Vec<(u64, u64)> = map
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|e| e["type"] == 1)
-        .map(|e| (e["offset"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
-        .collect();
+    let dirty = dirty_extents(&map.stdout);
     assert_eq!(
         dirty,
         [
