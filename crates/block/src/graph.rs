@@ -168,7 +168,7 @@ fn plan_edge(
     }
     plan.push((node.clone(), key, new));
     for child in node.children() {
-        let (cp, cs) = child.role.child_perms(perm, shared);
+        let (cp, cs) = node.role_of(child).child_perms(perm, shared);
         let ckey = ParentKey::Node(node.name().to_string());
         let current = child.node.parents().into_iter().find(|e| e.key == ckey);
         if current.as_ref().map(|e| (e.perm, e.shared)) != Some((cp, cs)) {
@@ -648,9 +648,6 @@ impl BlockGraph {
         let node = self
             .get(name)
             .ok_or_else(|| Error::NodeNotFound(name.to_string()))?;
-        if node.is_implicit() {
-            return Err(Error::NotMonitorOwned(name.to_string()));
-        }
         let parents = node.parents();
         if parents.iter().any(|e| matches!(e.key, ParentKey::User(_))) {
             return Err(Error::NodeHasUsers(name.to_string()));
@@ -664,6 +661,10 @@ impl BlockGraph {
                 node: name.to_string(),
                 parent,
             });
+        }
+        // QEMU's order: users, a backing file in use, then ownership.
+        if node.is_implicit() {
+            return Err(Error::NotMonitorOwned(name.to_string()));
         }
         if !parents.is_empty() || node.is_held() {
             return Err(Error::NodeHasParents(name.to_string()));
@@ -844,6 +845,43 @@ impl BlockGraph {
 
     /// Moves the users among `edges` (the parent edges of `from`) onto `to`. A user whose
     /// edge does not fit on `to` stays where it was and the error is returned.
+    /// Makes node `name` read-only (QEMU reopens a snapshot's old image so): it takes
+    /// no write on its file any more.
+    pub fn reopen_read_only(&mut self, name: &str) -> Result<()> {
+        let node = self
+            .get(name)
+            .ok_or_else(|| Error::NodeNotFound(name.to_string()))?;
+        reopen_subtree_read_only(&node)
+    }
+
+    /// Puts node `to` in the place of node `from` for every user of `from` (exports, jobs),
+    /// under a drain of `from`: what an external snapshot does with its new overlay, and
+    /// what undoing it does the other way. Node parents other than `to` itself (and
+    /// parents reading `from` as a backing file) would keep using `from`, so they refuse.
+    pub async fn replace_for_users(&mut self, from: &str, to: &str) -> Result<()> {
+        let old = self
+            .get(from)
+            .ok_or_else(|| Error::NodeNotFound(from.to_string()))?;
+        let new = self
+            .get(to)
+            .ok_or_else(|| Error::NodeNotFound(to.to_string()))?;
+        let parents = old.parents();
+        if let Some(ParentKey::Node(parent)) = parents
+            .iter()
+            .filter(|e| e.role != "backing")
+            .map(|e| e.key.clone())
+            .find(|k| matches!(k, ParentKey::Node(n) if n != to))
+        {
+            return Err(Error::FormatOption(format!(
+                "Cannot replace node '{from}': it is a child of node '{parent}'"
+            )));
+        }
+        old.gate().drain().await;
+        let result = self.move_users(&old, &new, &parents);
+        old.gate().undrain();
+        result
+    }
+
     fn move_users(&self, from: &Arc<Node>, to: &Arc<Node>, edges: &[ParentEdge]) -> Result<()> {
         let users = self.live_users();
         for edge in edges {
@@ -992,12 +1030,26 @@ impl BlockGraph {
 }
 
 /// Sets the edges from `node` to its children from `node`'s current parents.
+/// Makes `node` read-only, and the children it opened itself (which inherit its options),
+/// parents first so each recomputes what it takes from its children.
+fn reopen_subtree_read_only(node: &Arc<Node>) -> Result<()> {
+    node.set_reopened_read_only(true);
+    recompute_children(node)?;
+    for child in node.children() {
+        if child.node.is_implicit() && child.role != ChildRole::Cow {
+            reopen_subtree_read_only(&child.node)?;
+        }
+    }
+    Ok(())
+}
+
 fn recompute_children(node: &Arc<Node>) -> Result<()> {
     let parents = node.parents();
     let (perm, shared) = cumulative(&parents);
     for child in node.children() {
         let key = ParentKey::Node(node.name().to_string());
-        let (cp, cs) = child.role.child_perms_of(perm, shared, !parents.is_empty());
+        let role = node.role_of(child);
+        let (cp, cs) = role.child_perms_of(perm, shared, !parents.is_empty());
         let edge = ParentEdge {
             key: key.clone(),
             desc: format!("node '{}'", node.name()),
@@ -1076,11 +1128,27 @@ impl Drop for UserRecord {
     }
 }
 
+/// A way to see which node a user is on without keeping its edge alive.
+#[derive(Clone, Debug)]
+pub struct UserHandle(std::sync::Weak<UserRecord>);
+
+impl UserHandle {
+    /// The user's node now; `None` once the user is gone.
+    pub fn node(&self) -> Option<Arc<Node>> {
+        self.0.upgrade().map(|r| r.node())
+    }
+}
+
 impl Backend {
     /// The node this user is attached to (a filter inserted above the node it attached
     /// to takes its place).
     pub fn node(&self) -> Arc<Node> {
         self.record.node()
+    }
+
+    /// A handle that follows the user's node and does not keep the user alive.
+    pub fn handle(&self) -> UserHandle {
+        UserHandle(Arc::downgrade(&self.record))
     }
 
     /// The permissions this user holds.

@@ -38,7 +38,7 @@ pub use driver::{
     BlockDriver, DriverInfo, Extent, FormatSpecific, Qcow2Info, WriteFlags, ZeroFlags,
 };
 pub use error::{Error, ErrorKind, Result};
-pub use graph::{Backend, BlockGraph, DumpEdge, DumpNode, DumpNodeType, GraphDump};
+pub use graph::{Backend, BlockGraph, DumpEdge, DumpNode, DumpNodeType, GraphDump, UserHandle};
 pub use node::{CacheInfo, ImageInfo, Node, NodeFlags, NodeHold, NodeInfo};
 pub use options::{
     BlkdebugOptions, BlockPermission, BlockdevOptions, BlockdevRef, CommonOptions, CreateOptions,

@@ -81,6 +81,8 @@ pub struct Node {
     flushed_gen: AtomicU64,
     /// Named dirty bitmaps; every finished write marks them.
     bitmaps: Bitmaps,
+    /// Made read-only after it was opened (it became an overlay's backing file).
+    reopened_ro: std::sync::atomic::AtomicBool,
 }
 
 /// A reference to a node that is no edge of the graph (QEMU's plain reference count, as
@@ -175,6 +177,7 @@ impl Node {
             write_gen: AtomicU64::new(0),
             flushed_gen: AtomicU64::new(0),
             bitmaps: Bitmaps::default(),
+            reopened_ro: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -247,7 +250,24 @@ impl Node {
 
     /// Whether the node is read-only.
     pub fn is_read_only(&self) -> bool {
-        self.flags.read_only
+        self.flags.read_only || self.reopened_ro.load(Ordering::SeqCst)
+    }
+
+    /// How the node uses `child` now: a node made read-only after it was opened no longer
+    /// writes its file.
+    pub fn role_of(&self, child: &Child) -> ChildRole {
+        match child.role {
+            ChildRole::Metadata { .. } if self.is_read_only() => {
+                ChildRole::Metadata { writable: false }
+            }
+            role => role,
+        }
+    }
+
+    /// Makes the node read-only (`true`) or writable again (`false`, only for a node that
+    /// was opened writable): QEMU reopens a snapshot's old image read-only.
+    pub fn set_reopened_read_only(&self, read_only: bool) {
+        self.reopened_ro.store(read_only, Ordering::SeqCst);
     }
 
     /// The child edges.
@@ -323,7 +343,7 @@ impl Node {
     }
 
     fn check_writable(&self) -> Result<()> {
-        if self.flags.read_only {
+        if self.is_read_only() {
             return Err(Error::NodeReadOnly);
         }
         Ok(())
@@ -470,7 +490,7 @@ impl Node {
     /// Resizes without permission checks or draining: the graph (or a parent driver
     /// that the graph already drained) calls this.
     pub(crate) async fn truncate(&self, size: u64) -> Result<()> {
-        if self.flags.read_only {
+        if self.is_read_only() {
             return Err(Error::ImageReadOnly);
         }
         self.wrote();
@@ -529,7 +549,7 @@ impl Node {
         NodeInfo {
             node_name: self.name.clone(),
             file: filename.clone(),
-            ro: self.flags.read_only,
+            ro: self.is_read_only(),
             drv: self.driver.name(),
             backing_file: backing
                 .as_ref()

@@ -43,6 +43,8 @@ impl Drop for NbdServer {
 pub struct ExportRecord {
     pub id: String,
     pub node_name: String,
+    /// Follows the node the export serves (an overlay or a filter can take its place).
+    pub user: Option<block::UserHandle>,
     /// The name NBD clients ask for (its edge on the node lives in the NBD export's
     /// backend, which goes when the export and its last connection do).
     pub name: String,

@@ -568,7 +568,7 @@ fn probe_format(path: &str) -> String {
 
 /// Creates the target image of `drive-backup`, printing what `qemu-img create` prints, as
 /// QEMU does.
-async fn create_image(
+pub(super) async fn create_image(
     state: &mut State,
     path: &str,
     format: &str,

@@ -12,6 +12,7 @@ mod control;
 mod job;
 pub mod nbd;
 mod object;
+mod snapshot;
 mod transaction;
 
 use crate::control::State;
@@ -78,6 +79,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("block-dirty-bitmap-merge", bitmap::merge),
     ("x-debug-block-dirty-bitmap-sha256", bitmap::sha256),
     ("transaction", transaction::transaction),
+    ("blockdev-snapshot-sync", snapshot::blockdev_snapshot_sync),
     ("object-add", object::object_add),
     ("object-del", object::object_del),
 ];

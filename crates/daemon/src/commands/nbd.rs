@@ -204,6 +204,7 @@ pub fn add_export(state: &mut State, a: ExportArgs) -> Result<(), String> {
         .graph
         .attach(&a.node_name, perm, shared, "")
         .map_err(|e| e.to_string())?;
+    let user = serving.handle();
     let export = nbd::Export {
         name: name.clone(),
         description: a.description.clone(),
@@ -227,6 +228,7 @@ pub fn add_export(state: &mut State, a: ExportArgs) -> Result<(), String> {
         ExportRecord {
             id: a.id,
             node_name: a.node_name,
+            user: Some(user),
             name,
         },
     );
@@ -384,7 +386,8 @@ pub fn query_block_exports(state: &mut State, _a: Value) -> Reply<'_> {
                 json!({
                     "id": r.id,
                     "type": "nbd",
-                    "node-name": r.node_name,
+                    "node-name": r.user.as_ref().and_then(|u| u.node())
+                        .map_or_else(|| r.node_name.clone(), |n| n.name().to_string()),
                     "shutting-down": false
                 })
             })

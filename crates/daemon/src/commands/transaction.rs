@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::bitmap::{self, BitmapUndo};
-use super::{args, backup, empty, Reply};
+use super::{args, backup, empty, snapshot, Reply};
 use crate::control::State;
 
 #[derive(Deserialize)]
@@ -40,6 +40,8 @@ enum Prepared {
     Bitmap(BitmapUndo),
     /// A created backup job, started by commit, force-cancelled by abort.
     Backup(String),
+    /// An external snapshot's overlay, in place.
+    Snapshot(snapshot::Prepared),
 }
 
 impl Prepared {
@@ -47,6 +49,7 @@ impl Prepared {
     fn commit(self, state: &mut State) -> Result<Option<String>, QmpError> {
         match self {
             Prepared::Bitmap(undo) => undo.commit(),
+            Prepared::Snapshot(p) => p.commit(state),
             Prepared::Backup(id) => {
                 // Started inside the drained section: it pauses at once and runs when the
                 // section ends.
@@ -58,9 +61,10 @@ impl Prepared {
         Ok(None)
     }
 
-    fn abort(self, state: &mut State) {
+    async fn abort(self, state: &mut State) {
         match self {
             Prepared::Bitmap(undo) => undo.abort(),
+            Prepared::Snapshot(p) => p.abort(state).await,
             Prepared::Backup(id) => {
                 let State { jobs, graph, .. } = state;
                 // A created job cancels at once (aborting, concluded, null).
@@ -88,6 +92,9 @@ async fn prepare(
             Prepared::Backup(backup::prepare_blockdev_backup(state, data, txn).await?)
         }
         "drive-backup" => Prepared::Backup(backup::prepare_drive_backup(state, data, txn).await?),
+        "blockdev-snapshot-sync" => {
+            Prepared::Snapshot(snapshot::prepare_snapshot_sync(state, data).await?)
+        }
         other => {
             return Err(QmpError::generic(format!(
                 "internal error: transaction action '{other}' has no handler"
@@ -132,7 +139,7 @@ pub fn transaction(state: &mut State, a: Value) -> Reply<'_> {
         let result = match failure {
             Some(e) => {
                 for p in prepared.into_iter().rev() {
-                    p.abort(state);
+                    p.abort(state).await;
                 }
                 Err(e)
             }
@@ -153,6 +160,8 @@ pub fn transaction(state: &mut State, a: Value) -> Reply<'_> {
             }
         };
         block::BlockGraph::undrain_all(drained);
+        // Overlays nobody uses go now, as in QEMU.
+        state.graph.reap().await;
         result.map(|()| empty())
     })
 }
