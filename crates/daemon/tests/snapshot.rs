@@ -1,0 +1,199 @@
+//! Black-box external snapshots through the `blockd` binary: an overlay put in place while a
+//! client writes through an NBD export, the chain as `qemu-img info --backing-chain` sees
+//! it, each write in the base or the overlay according to when it was acknowledged, and
+//! `mode: existing` with an overlay made by qemu-img.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use testkit::tools::{path, tool, wait_path};
+use testkit::{Daemon, Qmp};
+
+const LIMIT: Duration = Duration::from_secs(60);
+const BLOCK: u64 = 64 << 10;
+const WRITES: usize = 40;
+
+fn blockd() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_blockd"))
+}
+
+/// blockd with `base.qcow2` (filled with 0x11) as node `base`, exported writable as `disk`.
+fn start(dir: &Path) -> (Daemon, Qmp, String) {
+    let base = path(dir, "base.qcow2");
+    tool("qemu-img", &["create", "-q", "-f", "qcow2", &base, "8M"]);
+    tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 0 8M", &base],
+    );
+    let sock = path(dir, "nbd.sock");
+    let args = [
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=bf,filename={base}"),
+        "--blockdev".to_string(),
+        "driver=qcow2,node-name=base,file=bf".to_string(),
+        "--nbd-server".to_string(),
+        format!("addr.type=unix,addr.path={sock}"),
+        "--export".to_string(),
+        "type=nbd,id=e0,node-name=base,name=disk,writable=on".to_string(),
+    ];
+    let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
+    let qmp = daemon.qmp().expect("monitor answers");
+    wait_path(&sock, LIMIT);
+    (daemon, qmp, format!("nbd+unix:///disk?socket={sock}"))
+}
+
+fn pattern(i: usize) -> u8 {
+    0x20 + i as u8
+}
+
+/// Whether `image` (read by qemu-io with its chain) holds `byte` over block `i`.
+fn holds(image: &str, fmt: &str, i: usize, byte: u8) -> bool {
+    let cmd = format!("read -P {byte:#x} {} {BLOCK}", i as u64 * BLOCK);
+    let out = std::process::Command::new("qemu-io")
+        .args(["-r", "-f", fmt, "-c", &cmd, image])
+        .output()
+        .expect("qemu-io is needed (install qemu-utils)");
+    // qemu-io reports a pattern mismatch on stdout and still exits 0.
+    out.status.success()
+        && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed")
+}
+
+#[test]
+fn an_overlay_goes_in_while_a_client_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut daemon, mut qmp, uri) = start(d);
+    // The writer writes block i with pattern i, one request at a time, and notes when each
+    // was sent and acknowledged.
+    // The last quarter waits for the snapshot, so some writes surely come after it.
+    let done = Arc::new(AtomicUsize::new(0));
+    let snapshotted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let times = Arc::new(Mutex::new(Vec::new()));
+    let writer = {
+        let (uri, done, times) = (uri.clone(), done.clone(), times.clone());
+        let snapshotted = snapshotted.clone();
+        std::thread::spawn(move || {
+            for i in 0..WRITES {
+                while i >= WRITES * 3 / 4 && !snapshotted.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                let cmd = format!("write -P {:#x} {} {BLOCK}", pattern(i), i as u64 * BLOCK);
+                let sent = Instant::now();
+                tool("qemu-io", &["-f", "raw", "-c", &cmd, &uri]);
+                times.lock().unwrap().push((sent, Instant::now()));
+                done.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+    };
+    let deadline = Instant::now() + LIMIT;
+    while done.load(Ordering::SeqCst) < WRITES / 4 {
+        assert!(Instant::now() < deadline, "the writer makes no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let overlay = path(d, "overlay.qcow2");
+    let asked = Instant::now();
+    qmp.execute(
+        "blockdev-snapshot-sync",
+        json!({"node-name": "base", "snapshot-file": overlay, "snapshot-node-name": "top"}),
+    )
+    .expect("blockdev-snapshot-sync");
+    let answered = Instant::now();
+    snapshotted.store(true, Ordering::SeqCst);
+    writer.join().expect("the writer finishes");
+    let exports = qmp.execute("query-block-exports", json!({})).unwrap();
+    assert_eq!(
+        exports[0]["node-name"], "top",
+        "the export moved to the overlay"
+    );
+    let nodes = qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let base_ro = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "base")
+        .map(|n| n["ro"].clone());
+    assert_eq!(base_ro, Some(Value::Bool(true)));
+    let _ = qmp.execute("quit", json!({}));
+    daemon.wait_exit(LIMIT).expect("blockd exits");
+
+    let base = path(d, "base.qcow2");
+    tool("qemu-img", &["check", &base]);
+    tool("qemu-img", &["check", &overlay]);
+    let info = tool(
+        "qemu-img",
+        &["info", "--backing-chain", "--output=json", &overlay],
+    );
+    let chain: Value = serde_json::from_slice(&info.stdout).unwrap();
+    let files: Vec<&str> = chain
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["filename"].as_str().unwrap())
+        .collect();
+    assert_eq!(files, [overlay.as_str(), base.as_str()]);
+    assert_eq!(chain[0]["backing-filename"], base.as_str());
+    assert_eq!(chain[0]["backing-filename-format"], "qcow2");
+
+    let times = times.lock().unwrap().clone();
+    let (mut before, mut after) = (0, 0);
+    for (i, (sent, acked)) in times.iter().enumerate() {
+        // Every write is in the chain.
+        assert!(holds(&overlay, "qcow2", i, pattern(i)), "block {i} lost");
+        if *acked < asked {
+            assert!(
+                holds(&base, "qcow2", i, pattern(i)),
+                "block {i} not in the base"
+            );
+            before += 1;
+        } else if *sent > answered {
+            assert!(
+                holds(&base, "qcow2", i, 0x11),
+                "block {i} leaked into the base"
+            );
+            after += 1;
+        }
+    }
+    assert!(
+        before >= WRITES / 4 && after >= WRITES / 4,
+        "{before} before, {after} after"
+    );
+}
+
+#[test]
+fn mode_existing_uses_an_overlay_made_by_qemu_img() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut daemon, mut qmp, uri) = start(d);
+    let base = path(d, "base.qcow2");
+    let overlay = path(d, "made.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &overlay, "8M",
+        ],
+    );
+    qmp.execute(
+        "blockdev-snapshot-sync",
+        json!({"node-name": "base", "snapshot-file": overlay, "snapshot-node-name": "top",
+               "mode": "existing"}),
+    )
+    .expect("blockdev-snapshot-sync");
+    tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x77 1M 64k", &uri],
+    );
+    tool(
+        "qemu-io",
+        &["-r", "-f", "raw", "-c", "read -P 0x11 0 1M", &uri],
+    );
+    let _ = qmp.execute("quit", json!({}));
+    daemon.wait_exit(LIMIT).expect("blockd exits");
+    assert!(holds(&overlay, "qcow2", 16, 0x77));
+    assert!(holds(&base, "qcow2", 16, 0x11));
+    tool("qemu-img", &["check", &overlay]);
+}
