@@ -37,6 +37,8 @@ mod l2;
 mod pin;
 mod read;
 mod refcount;
+mod snapshot;
+mod snapshot_table;
 mod storage;
 mod write;
 
@@ -49,6 +51,7 @@ pub use ext::{BitmapsExt, Extensions, FeatureName};
 pub use header::{autoclear, compat, incompat, CompressionType, Header};
 pub use image::{Image, OpenOptions, DEFAULT_L2_CACHE_BYTES};
 pub use read::{BlockKind, BlockStatus};
+pub use snapshot::{NewSnapshot, SnapshotInfo};
 pub use storage::{Backing, FileStorage, MemStorage, Storage};
 #[cfg(test)]
 mod hostile_tests;
