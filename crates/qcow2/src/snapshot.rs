@@ -184,6 +184,11 @@ impl Image {
         if new.name.is_empty() {
             return Err(Error::SnapshotNameEmpty);
         }
+        if new.name.len() > usize::from(u16::MAX) {
+            return Err(Error::InvalidOption(
+                "snapshot name longer than 65535 bytes".into(),
+            ));
+        }
         let mut meta = self.quiesce().await?;
         self.check_snapshots_supported()?;
         if meta.snapshots.iter().any(|e| e.has_name(new.name)) {
@@ -640,3 +645,6 @@ impl Image {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -209,3 +209,6 @@ pub(crate) fn next_id(entries: &[Entry]) -> String {
         .unwrap_or(0);
     max.wrapping_add(1).to_string()
 }
+
+#[cfg(test)]
+mod tests;
