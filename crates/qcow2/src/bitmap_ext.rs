@@ -475,7 +475,7 @@ impl Image {
     }
 
     /// Drop one reference to every cluster of host bytes `off..off + bytes`.
-    async fn free_clusters(&self, meta: &mut Meta, off: u64, bytes: u64) -> Result<()> {
+    pub(crate) async fn free_clusters(&self, meta: &mut Meta, off: u64, bytes: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         for c in off / cs..(off + bytes).div_ceil(cs) {
             meta.rc.adjust(self.file.as_ref(), c, -1).await?;

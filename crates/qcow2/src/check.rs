@@ -4,13 +4,14 @@
 
 use crate::bitmap_dir::{table_entry, TableEntry};
 use crate::error::{IoContext, Result};
-use crate::header::{autoclear, incompat, MAX_SNAPSHOTS};
+use crate::header::{autoclear, incompat, MAX_L1_BYTES};
 use crate::image::{Image, Meta};
 use crate::l2::{
     entry_at, words_from_be, COMPRESSED, COPIED, L1_OFFSET_MASK, L1_RESERVED_MASK, L2_OFFSET_MASK,
     L2_RESERVED_MASK,
 };
 use crate::refcount::REFT_OFFSET_MASK;
+use crate::snapshot_table::V3_MIN_EXTRA_BYTES;
 
 /// What a check found, named after `qemu-img check --output=json`'s fields.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -236,40 +237,48 @@ impl Image {
         Ok(())
     }
 
-    /// Count the snapshot table and every snapshot's L1 tree (qcow2.txt, "Snapshots").
+    /// Count the snapshot table and every snapshot's L1 tree (qcow2.txt, "Snapshots"), with
+    /// `qemu-img check`'s findings on the entries.
     async fn count_snapshots(&self, meta: &mut Meta, k: &mut Counter) -> Result<()> {
-        let (nb, off) = (meta.header.nb_snapshots, meta.header.snapshots_offset);
-        if nb == 0 || nb > MAX_SNAPSHOTS {
-            return Ok(());
+        let cs = self.geo.cluster_size();
+        if !meta.snapshots.is_empty() && self.geo.data_file {
+            k.corrupt("internal snapshots in an image with an external data file".into());
         }
-        let mut pos = off;
-        for _ in 0..nb {
-            let mut fixed = [0u8; 40];
-            self.file
-                .read_at(pos, &mut fixed)
-                .await
-                .ctx("cannot read the snapshot table")?;
-            let be32 =
-                |i: usize| u32::from_be_bytes([fixed[i], fixed[i + 1], fixed[i + 2], fixed[i + 3]]);
-            let l1_off = u64::from_be_bytes(fixed[0..8].try_into().unwrap_or_default());
-            let l1_size = be32(8);
-            let id_len = u64::from(u16::from_be_bytes([fixed[12], fixed[13]]));
-            let name_len = u64::from(u16::from_be_bytes([fixed[14], fixed[15]]));
-            let extra = u64::from(be32(36));
-            if extra > 1024 || u64::from(l1_size) * 8 > crate::header::MAX_L1_BYTES {
-                k.corrupt(format!("snapshot entry at {pos:#x} is invalid"));
-                return Ok(());
+        for (i, e) in meta.snapshots.clone().iter().enumerate() {
+            if meta.header.version >= 3 && e.extra_bytes < V3_MIN_EXTRA_BYTES {
+                k.corrupt(format!("snapshot table entry {i} is incomplete"));
             }
-            let mut raw = vec![0u8; l1_size as usize * 8];
+            let bytes = u64::from(e.l1_size) * 8;
+            let what = format!(
+                "snapshot {} ({})",
+                String::from_utf8_lossy(&e.id),
+                String::from_utf8_lossy(&e.name)
+            );
+            if !e.l1_offset.is_multiple_of(cs) {
+                k.corrupt(format!(
+                    "{what} l1_offset={:#x}: L1 table is not cluster aligned; \
+                     snapshot table entry corrupted",
+                    e.l1_offset
+                ));
+                continue;
+            }
+            if bytes > MAX_L1_BYTES {
+                k.corrupt(format!(
+                    "{what} l1_size={:#x}: L1 table is too large; snapshot table entry corrupted",
+                    e.l1_size
+                ));
+                continue;
+            }
+            let mut raw = vec![0u8; bytes as usize];
             self.file
-                .read_at(l1_off, &mut raw)
+                .read_at(e.l1_offset, &mut raw)
                 .await
                 .ctx("cannot read a snapshot L1 table")?;
-            k.add("snapshot L1 table", l1_off, raw.len() as u64);
+            k.add("snapshot L1 table", e.l1_offset, bytes);
             self.count_l1(meta, k, &words_from_be(&raw), false).await?;
-            pos += (40 + extra + id_len + name_len).div_ceil(8) * 8;
         }
-        k.add("snapshot table", off, pos - off);
+        let (off, bytes) = (meta.header.snapshots_offset, meta.snapshots_bytes);
+        k.add("snapshot table", off, bytes);
         Ok(())
     }
 

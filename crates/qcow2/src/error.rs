@@ -85,6 +85,30 @@ pub enum Error {
     /// Invalid creation options.
     #[error("{0}")]
     InvalidOption(String),
+    /// A snapshot must have a name (QEMU's wording).
+    #[error("Name is empty")]
+    SnapshotNameEmpty,
+    /// Another snapshot has this name (the caller appends " on device '…'", as QEMU words it).
+    #[error("Snapshot with name '{0}' already exists")]
+    SnapshotExists(String),
+    /// No snapshot matches; an absent field prints as `null`, as QEMU prints it.
+    #[error(
+        "Snapshot with id '{}' and name '{}' does not exist",
+        .id.as_deref().unwrap_or("null"),
+        .name.as_deref().unwrap_or("null")
+    )]
+    SnapshotNotFound {
+        /// the ID asked for
+        id: Option<String>,
+        /// the name asked for
+        name: Option<String>,
+    },
+    /// A snapshot to delete needs an ID or a name.
+    #[error("Name or id must be provided")]
+    SnapshotUnnamed,
+    /// The image holds QEMU's maximum number of snapshots (QEMU fails with EFBIG).
+    #[error("too many snapshots")]
+    TooManySnapshots,
     /// An I/O error on the image, data file or backing callback.
     #[error("{0}")]
     Io(&'static str, #[source] io::Error),

@@ -94,6 +94,10 @@ pub(crate) struct Meta {
     pub bitmaps: Vec<DirEntry>,
     /// Bitmaps loaded on open, until the caller takes them.
     pub loaded: Vec<LoadedBitmap>,
+    /// The snapshot table as it is on disk.
+    pub snapshots: Vec<crate::snapshot_table::Entry>,
+    /// Bytes the snapshot table takes at `header.snapshots_offset`.
+    pub snapshots_bytes: u64,
 }
 
 /// An open qcow2 image.
@@ -248,8 +252,11 @@ impl Image {
                 inflight: HashMap::default(),
                 bitmaps: Vec::new(),
                 loaded: Vec::new(),
+                snapshots: Vec::new(),
+                snapshots_bytes: 0,
             }),
         };
+        image.open_snapshots(&mut *image.meta.lock().await).await?;
         image
             .open_bitmaps(&mut *image.meta.lock().await, file_len)
             .await?;
@@ -344,7 +351,7 @@ impl Image {
         self.sync_storages().await
     }
 
-    async fn sync_storages(&self) -> Result<()> {
+    pub(crate) async fn sync_storages(&self) -> Result<()> {
         if let Some(d) = &self.data_file {
             d.flush().await.ctx("cannot flush the data file")?;
         }

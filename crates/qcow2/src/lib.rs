@@ -6,7 +6,9 @@
 //! from its backing node, and writes that copy part of a cluster on write ask the caller's
 //! [`Backing`] for the old data. Persistent dirty bitmaps are loaded on open and handed to the
 //! caller, who tracks writes in them and stores them back ([`Image::take_bitmaps`],
-//! [`Image::store_bitmaps`]).
+//! [`Image::store_bitmaps`]). Internal snapshots are listed, created, deleted and reverted to
+//! as QEMU keeps them ([`Image::snapshots`], [`Image::create_snapshot`],
+//! [`Image::delete_snapshot`], [`Image::revert_snapshot`], [`Image::read_vm_state`]).
 //!
 //! ```
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -37,6 +39,8 @@ mod l2;
 mod pin;
 mod read;
 mod refcount;
+mod snapshot;
+mod snapshot_table;
 mod storage;
 mod write;
 
@@ -49,6 +53,7 @@ pub use ext::{BitmapsExt, Extensions, FeatureName};
 pub use header::{autoclear, compat, incompat, CompressionType, Header};
 pub use image::{Image, OpenOptions, DEFAULT_L2_CACHE_BYTES};
 pub use read::{BlockKind, BlockStatus};
+pub use snapshot::{NewSnapshot, SnapshotInfo};
 pub use storage::{Backing, FileStorage, MemStorage, Storage};
 #[cfg(test)]
 mod hostile_tests;

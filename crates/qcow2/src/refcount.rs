@@ -143,7 +143,7 @@ impl Refcounts {
         (self.cluster_size() * 8) >> self.order
     }
 
-    fn max_value(&self) -> u64 {
+    pub fn max_value(&self) -> u64 {
         if self.order == 6 {
             u64::MAX
         } else {

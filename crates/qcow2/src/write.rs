@@ -148,7 +148,7 @@ impl Image {
     }
 
     /// The guest contents of cluster `gc` bytes `a..b` as the entry `e` describes them.
-    async fn read_old(
+    pub(crate) async fn read_old(
         &self,
         e: L2Entry,
         gc: u64,
@@ -629,12 +629,19 @@ impl Image {
                 "qcow2 images cannot be shrunk by this library".into(),
             ));
         }
+        self.set_size(&mut meta, new_size).await
+    }
+
+    /// Make the virtual disk `new_size` bytes (synced), growing the L1 table first when it
+    /// cannot map that much. Shrinking leaves the clusters past the end as they are: only a
+    /// snapshot revert, which replaces the whole L1 table next, shrinks.
+    pub(crate) async fn set_size(&self, meta: &mut Meta, new_size: u64) -> Result<()> {
         let needed = meta.header.l1_entries_for(new_size);
         if needed > crate::header::MAX_L1_BYTES / 8 || new_size > i64::MAX as u64 {
             return Err(Error::InvalidOption("Image size too large".into()));
         }
         if needed > u64::from(meta.header.l1_size) {
-            self.grow_l1(&mut meta, needed).await?;
+            self.grow_l1(meta, needed).await?;
         }
         self.file
             .write_at(HEADER_SIZE, &new_size.to_be_bytes())
@@ -649,7 +656,7 @@ impl Image {
 
     /// Move the L1 table to new clusters holding `entries` entries; switch the header with one
     /// synced write, then free the old table.
-    async fn grow_l1(&self, meta: &mut Meta, entries: u64) -> Result<()> {
+    pub(crate) async fn grow_l1(&self, meta: &mut Meta, entries: u64) -> Result<()> {
         let cs = self.geo.cluster_size();
         let bytes = entries * 8;
         let clusters = bytes.div_ceil(cs);
@@ -662,16 +669,8 @@ impl Image {
             .write_at(new_off, &raw)
             .await
             .ctx("cannot write the L1 table")?;
-        // The new table's refcounts are durable before the header points at it.
-        meta.rc.write_dirty(self.file.as_ref()).await?;
-        self.file.flush().await.ctx("cannot flush the image")?;
-        let mut field = (entries as u32).to_be_bytes().to_vec();
-        field.extend_from_slice(&new_off.to_be_bytes());
-        self.file
-            .write_at(HEADER_L1, &field)
-            .await
-            .ctx("cannot write the image header")?;
-        self.file.flush().await.ctx("cannot flush the image")?;
+        self.switch_table(meta, HEADER_L1, entries as u32, new_off)
+            .await?;
         let (old_off, old_bytes) = (
             meta.header.l1_table_offset,
             u64::from(meta.header.l1_size) * 8,
@@ -689,6 +688,27 @@ impl Image {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Point a header field pair (a u32 count, then a u64 offset, at header offset `at`) at a
+    /// table just written to new clusters: their refcounts and the table are made durable
+    /// first, then the 12 bytes change in one synced write.
+    pub(crate) async fn switch_table(
+        &self,
+        meta: &mut Meta,
+        at: u64,
+        count: u32,
+        offset: u64,
+    ) -> Result<()> {
+        meta.rc.write_dirty(self.file.as_ref()).await?;
+        self.file.flush().await.ctx("cannot flush the image")?;
+        let mut field = count.to_be_bytes().to_vec();
+        field.extend_from_slice(&offset.to_be_bytes());
+        self.file
+            .write_at(at, &field)
+            .await
+            .ctx("cannot write the image header")?;
+        self.file.flush().await.ctx("cannot flush the image")
     }
 
     /// Write the guest cluster at `offset` compressed, as `qemu-img convert -c` and backup's

@@ -31,6 +31,11 @@ pub fn qemu_img(args: &[&str]) -> String {
     ok("qemu-img", args)
 }
 
+/// `qemu-img create -f qcow2 -o OPTS IMG SIZE`.
+pub fn create_qcow2(img: &str, opts: &str, size: &str) {
+    qemu_img(&["create", "-q", "-f", "qcow2", "-o", opts, img, size]);
+}
+
 /// `qemu-io` with one `-c` per command on a qcow2 image.
 pub fn qemu_io(fmt: &str, img: &Path, cmds: &[&str]) {
     let mut args = vec!["-f", fmt];

@@ -1,0 +1,650 @@
+//! Internal snapshots (qcow2.txt, "Snapshots"), as QEMU 10.0.2 keeps them
+//! (`block/qcow2-snapshot.c`): listed from the table loaded on open, created, deleted and
+//! reverted to, with the VM state stored where QEMU stores it.
+//!
+//! A snapshot is an L1 table of its own plus a table entry. Every L2 table and every host
+//! cluster the snapshot's tree reaches holds one reference per path to it, so a cluster
+//! shared with the active image has a refcount above 1 and no COPIED flag in the active
+//! tables: the next guest write to it copies it first (`write.rs`).
+//!
+//! Callers quiesce guest I/O first, as QEMU drains; each operation also waits for the
+//! writes that are changing L2 entries and writes all cached metadata back before it starts.
+//!
+//! Crash safety. Tables that move (snapshot table, grown L1) go to new clusters, are flushed,
+//! and one synced header write switches to them; old clusters are freed after it. References
+//! are raised and made durable before anything new points at the clusters (create: before the
+//! table names the snapshot; revert: before the active L1 is overwritten), and dropped only
+//! after nothing points at them any more (delete: after the table stops naming the snapshot;
+//! revert: after the new active L1 is durable). A crash in between leaks clusters. The COPIED
+//! flags of the active tables cannot change in the same write as the refcounts: they are
+//! cleared before refcounts rise and set after refcounts fall, so a crash in between leaves a
+//! flag missing (an extra copy on the next write, which `qemu-img check -r all` also
+//! repairs), never a flag that would let a write land in a shared cluster.
+//!
+//! The VM state lives in the snapshot's own tree past the guest's data: from the first L1
+//! entry the disk does not use (QEMU's `qcow2_vm_state_offset`). QEMU writes it through the
+//! active table and discards it there once the snapshot holds it; this library writes it
+//! into new clusters only the snapshot's L1 table points at, which leaves the same image.
+
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use tokio::sync::MutexGuard;
+
+use crate::error::{Error, IoContext, Result};
+use crate::header::{validate_table, MAX_HOST_OFFSET, MAX_L1_BYTES, MAX_SNAPSHOTS};
+use crate::image::{check_in_file, Image, Meta};
+use crate::l2::{
+    entry_at, words_from_be, words_to_be, L2Entry, COMPRESSED, COPIED, L1_OFFSET_MASK,
+    L1_RESERVED_MASK, L2_OFFSET_MASK,
+};
+use crate::snapshot_table::{self, c_str, Entry, ParseError};
+
+/// Header offset of `nb_snapshots` (followed by `snapshots_offset`).
+const HEADER_SNAPSHOTS: u64 = 60;
+/// Bytes of the snapshot table read first on open (more when it is longer).
+const FIRST_READ_BYTES: usize = 64 << 10;
+
+/// A snapshot as QMP's `SnapshotInfo` and `qemu-img snapshot -l` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// The ID string (QEMU numbers snapshots "1", "2", …).
+    pub id: String,
+    /// The name (QEMU's "tag").
+    pub name: String,
+    /// Wall clock when it was taken: seconds since the epoch.
+    pub date_sec: u32,
+    /// … and nanoseconds.
+    pub date_nsec: u32,
+    /// Guest run time when it was taken, in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Bytes of VM state (0: a disk-only snapshot).
+    pub vm_state_size: u64,
+    /// Instructions executed under record/replay, when recorded.
+    pub icount: Option<u64>,
+    /// Virtual disk size when it was taken.
+    pub disk_size: u64,
+}
+
+impl SnapshotInfo {
+    fn from_entry(e: &Entry) -> Self {
+        Self {
+            id: String::from_utf8_lossy(c_str(&e.id)).into_owned(),
+            name: String::from_utf8_lossy(c_str(&e.name)).into_owned(),
+            date_sec: e.date_sec,
+            date_nsec: e.date_nsec,
+            vm_clock_nsec: e.vm_clock_nsec,
+            vm_state_size: e.vm_state_size,
+            icount: e.icount,
+            disk_size: e.disk_size,
+        }
+    }
+}
+
+/// What to record in a new snapshot; its ID is chosen as QEMU chooses it.
+#[derive(Debug, Clone)]
+pub struct NewSnapshot<'a> {
+    /// The name; it must be new and not empty.
+    pub name: &'a str,
+    /// Wall clock: seconds since the epoch.
+    pub date_sec: u32,
+    /// … and nanoseconds.
+    pub date_nsec: u32,
+    /// Guest run time in nanoseconds.
+    pub vm_clock_nsec: u64,
+    /// Instructions executed under record/replay (`None`: not recorded).
+    pub icount: Option<u64>,
+    /// The VM state to store with it (empty: a disk-only snapshot).
+    pub vm_state: &'a [u8],
+}
+
+impl<'a> NewSnapshot<'a> {
+    /// A disk-only snapshot named `name`, dated now, VM clock 0, no icount.
+    pub fn new(name: &'a str) -> Self {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        Self {
+            name,
+            date_sec: u32::try_from(now.as_secs()).unwrap_or(u32::MAX),
+            date_nsec: now.subsec_nanos(),
+            vm_clock_nsec: 0,
+            icount: None,
+            vm_state: &[],
+        }
+    }
+}
+
+/// What a walk over an L1 tree does to every cluster it reaches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Only check: entries are valid, every cluster is counted and is no metadata of the
+    /// image's own, and (`raise`) one more reference fits.
+    Check { raise: bool },
+    /// Add this many references.
+    Adjust(i64),
+}
+
+/// QEMU's lookup for goto: the ID first, then the name.
+fn find_id_or_name(entries: &[Entry], key: &str) -> Option<usize> {
+    entries
+        .iter()
+        .position(|e| e.has_id(key))
+        .or_else(|| entries.iter().position(|e| e.has_name(key)))
+}
+
+/// QEMU's lookup for delete: every field given must match.
+fn find_id_and_name(entries: &[Entry], id: Option<&str>, name: Option<&str>) -> Option<usize> {
+    entries
+        .iter()
+        .position(|e| id.is_none_or(|id| e.has_id(id)) && name.is_none_or(|name| e.has_name(name)))
+}
+
+impl Image {
+    /// Read and check the snapshot table (on open), with QEMU's limits and messages.
+    pub(crate) async fn open_snapshots(&self, meta: &mut Meta) -> Result<()> {
+        let (nb, off) = (meta.header.nb_snapshots, meta.header.snapshots_offset);
+        if nb == 0 {
+            return Ok(());
+        }
+        let min_bytes = u64::from(nb) * snapshot_table::FIXED_BYTES as u64;
+        validate_table("Snapshot table", off, min_bytes, self.geo.cluster_size())?;
+        let cap = snapshot_table::MAX_TABLE_BYTES as usize + 64;
+        let mut want = FIRST_READ_BYTES.min(nb as usize * 128);
+        loop {
+            let mut buf = vec![0u8; want];
+            self.file
+                .read_at(off, &mut buf)
+                .await
+                .ctx("Failed to read snapshot table")?;
+            match snapshot_table::parse(&buf, nb, meta.header.size) {
+                Ok((entries, bytes)) => {
+                    meta.snapshots = entries;
+                    meta.snapshots_bytes = bytes;
+                    return Ok(());
+                }
+                Err(ParseError::Invalid(e)) => return Err(e),
+                Err(ParseError::Short(n)) => want = n.max(want * 2).min(cap),
+            }
+        }
+    }
+
+    /// The snapshots, in table order.
+    pub async fn snapshots(&self) -> Vec<SnapshotInfo> {
+        let meta = self.meta.lock().await;
+        meta.snapshots
+            .iter()
+            .map(SnapshotInfo::from_entry)
+            .collect()
+    }
+
+    /// Take a snapshot of the disk as it is now (and store `new.vm_state` with it).
+    pub async fn create_snapshot(&self, new: &NewSnapshot<'_>) -> Result<SnapshotInfo> {
+        self.check_writable()?;
+        if new.name.is_empty() {
+            return Err(Error::SnapshotNameEmpty);
+        }
+        if new.name.len() > usize::from(u16::MAX) {
+            return Err(Error::InvalidOption(
+                "snapshot name longer than 65535 bytes".into(),
+            ));
+        }
+        let mut meta = self.quiesce().await?;
+        self.check_snapshots_supported()?;
+        if meta.snapshots.iter().any(|e| e.has_name(new.name)) {
+            return Err(Error::SnapshotExists(new.name.to_string()));
+        }
+        if meta.snapshots.len() >= MAX_SNAPSHOTS as usize {
+            return Err(Error::TooManySnapshots);
+        }
+        let guest_l1 = meta.header.l1_entries_for(self.size()) as usize;
+        // With a VM state the snapshot's own tree replaces whatever the active table holds
+        // past the guest's data (left there by a revert to a snapshot with VM state).
+        let copied = match new.vm_state.is_empty() {
+            true => meta.l1.len(),
+            false => guest_l1.min(meta.l1.len()),
+        };
+        let shared = meta.l1[..copied].to_vec();
+        self.walk_tree(&mut meta, &shared, Walk::Check { raise: true })
+            .await?;
+        let mut sn_l1 = shared.clone();
+        if !new.vm_state.is_empty() {
+            sn_l1.resize(guest_l1, 0);
+            let vm = self
+                .write_vm_state(&mut meta, guest_l1, new.vm_state)
+                .await?;
+            sn_l1.extend(vm);
+        }
+        // Flags first, then references (see the module documentation).
+        let cleared = self.set_copied(&mut meta, &shared, false).await?;
+        meta.l1[..copied].copy_from_slice(&cleared);
+        self.write_l1(&mut meta).await?;
+        sn_l1[..copied].copy_from_slice(&cleared);
+        // A failure from here on leaks the references raised (the header may already name
+        // the new table when its write fails, so they are not given back).
+        self.walk_tree(&mut meta, &shared, Walk::Adjust(1)).await?;
+        let entry = self.write_snapshot_l1(&mut meta, &sn_l1, new).await?;
+        let mut entries = meta.snapshots.clone();
+        entries.push(entry.clone());
+        self.publish_snapshots(&mut meta, entries).await?;
+        Ok(SnapshotInfo::from_entry(&entry))
+    }
+
+    /// Delete the snapshot matching every field given (QMP's
+    /// `blockdev-snapshot-delete-internal-sync`); returns what it was.
+    pub async fn delete_snapshot(
+        &self,
+        id: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<SnapshotInfo> {
+        self.check_writable()?;
+        if id.is_none() && name.is_none() {
+            return Err(Error::SnapshotUnnamed);
+        }
+        let mut meta = self.quiesce().await?;
+        self.check_snapshots_supported()?;
+        let i =
+            find_id_and_name(&meta.snapshots, id, name).ok_or_else(|| Error::SnapshotNotFound {
+                id: id.map(str::to_string),
+                name: name.map(str::to_string),
+            })?;
+        let entry = meta.snapshots[i].clone();
+        let l1 = self.snapshot_l1(&entry).await?;
+        self.walk_tree(&mut meta, &l1, Walk::Check { raise: false })
+            .await?;
+        let mut entries = meta.snapshots.clone();
+        entries.remove(i);
+        self.publish_snapshots(&mut meta, entries).await?;
+        self.drop_snapshot_tree(&mut meta, &entry, &l1).await?;
+        Ok(SnapshotInfo::from_entry(&entry))
+    }
+
+    /// Make the disk what it was when snapshot `id_or_name` (an ID, else a name, as QEMU
+    /// looks it up) was taken, its size included. The snapshot stays.
+    pub async fn revert_snapshot(&self, id_or_name: &str) -> Result<SnapshotInfo> {
+        self.begin_write().await?;
+        let mut meta = self.quiesce().await?;
+        self.check_snapshots_supported()?;
+        let entry = self.find_for_goto(&meta, id_or_name)?;
+        let sn_l1 = self.snapshot_l1(&entry).await?;
+        let old = meta.l1.clone();
+        self.walk_tree(&mut meta, &sn_l1, Walk::Check { raise: true })
+            .await?;
+        self.walk_tree(&mut meta, &old, Walk::Check { raise: false })
+            .await?;
+        if entry.disk_size != self.size() {
+            self.set_size(&mut meta, entry.disk_size).await?;
+        }
+        if sn_l1.len() > meta.l1.len() {
+            self.grow_l1(&mut meta, sn_l1.len() as u64).await?;
+        }
+        self.walk_tree(&mut meta, &sn_l1, Walk::Adjust(1)).await?;
+        // The snapshot's tables are shared now: their flags must say so before they go live.
+        let mut new_l1 = self.set_copied(&mut meta, &sn_l1, false).await?;
+        new_l1.resize(meta.l1.len(), 0);
+        let old = std::mem::replace(&mut meta.l1, new_l1);
+        self.write_l1(&mut meta).await?;
+        self.walk_tree(&mut meta, &old, Walk::Adjust(-1)).await?;
+        self.fix_active_copied(&mut meta).await?;
+        Ok(SnapshotInfo::from_entry(&entry))
+    }
+
+    /// Read `buf.len()` bytes of snapshot `id_or_name`'s VM state from byte `pos`.
+    pub async fn read_vm_state(&self, id_or_name: &str, pos: u64, buf: &mut [u8]) -> Result<()> {
+        let mut meta = self.meta.lock().await;
+        let entry = self.find_for_goto(&meta, id_or_name)?;
+        let len = buf.len() as u64;
+        if pos
+            .checked_add(len)
+            .is_none_or(|end| end > entry.vm_state_size)
+        {
+            return Err(Error::OutOfRange {
+                offset: pos,
+                len,
+                size: entry.vm_state_size,
+            });
+        }
+        let l1 = self.snapshot_l1(&entry).await?;
+        let (cs, per) = (self.geo.cluster_size(), self.geo.l2_entries());
+        let span = meta.header.l1_span();
+        let start = entry
+            .disk_size
+            .div_ceil(span)
+            .checked_mul(span)
+            .and_then(|v| v.checked_add(pos))
+            .ok_or_else(|| Error::Corrupt("VM state offset overflows".into()))?;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let at = start + done as u64;
+            let (gc, a) = (at / cs, at % cs);
+            let n = ((cs - a) as usize).min(buf.len() - done);
+            let e = self.tree_entry(&mut meta, &l1, gc / per, gc % per).await?;
+            let data = self.read_old(e, gc, a, a + n as u64, None).await?;
+            buf[done..done + n].copy_from_slice(&data);
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn find_for_goto(&self, meta: &Meta, key: &str) -> Result<Entry> {
+        let i = find_id_or_name(&meta.snapshots, key).ok_or_else(|| Error::SnapshotNotFound {
+            id: None,
+            name: Some(key.to_string()),
+        })?;
+        Ok(meta.snapshots[i].clone())
+    }
+
+    fn check_snapshots_supported(&self) -> Result<()> {
+        if self.geo.data_file {
+            return Err(Error::Unsupported(
+                "internal snapshots are not supported with an external data file".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The metadata lock once no write is changing an L2 entry and all cached metadata is
+    /// written back and flushed.
+    async fn quiesce(&self) -> Result<MutexGuard<'_, Meta>> {
+        let mut meta = self.meta.lock().await;
+        while let Some(&gc) = meta.inflight.keys().next() {
+            meta = self.wait_idle(meta, gc).await;
+        }
+        self.writeback(&mut meta).await?;
+        self.sync_storages().await?;
+        // Compressed clusters are not packed into a cluster a snapshot may now share.
+        meta.compress_tail = 0;
+        Ok(meta)
+    }
+
+    /// A snapshot's L1 table, checked as QEMU checks it before use.
+    async fn snapshot_l1(&self, e: &Entry) -> Result<Vec<u64>> {
+        let bytes = u64::from(e.l1_size) * 8;
+        if bytes > MAX_L1_BYTES {
+            return Err(Error::TooLarge("Snapshot L1 table"));
+        }
+        let cs = self.geo.cluster_size();
+        validate_table("Snapshot L1 table", e.l1_offset, bytes, cs)?;
+        let file_len = self.file.len().await.ctx("cannot get the image size")?;
+        check_in_file("Snapshot L1 table", e.l1_offset, bytes, file_len, cs)?;
+        let mut raw = vec![0u8; bytes as usize];
+        self.file
+            .read_at(e.l1_offset, &mut raw)
+            .await
+            .ctx("cannot read a snapshot L1 table")?;
+        Ok(words_from_be(&raw))
+    }
+
+    /// The entry for index `idx` of the L2 table behind `l1[l1i]` (zero when there is none).
+    async fn tree_entry(&self, meta: &mut Meta, l1: &[u64], l1i: u64, idx: u64) -> Result<L2Entry> {
+        let e = usize::try_from(l1i)
+            .ok()
+            .and_then(|i| l1.get(i).copied())
+            .unwrap_or(0);
+        let Some(off) = self.l2_of(e)? else {
+            return Ok(L2Entry::default());
+        };
+        let table = self.l2_table(meta, off).await?;
+        let entry = entry_at(&table, idx as usize, self.geo.extended);
+        self.geo.validate(entry)?;
+        Ok(entry)
+    }
+
+    /// The L2 table offset an L1 entry names, if any; checks the entry.
+    fn l2_of(&self, e: u64) -> Result<Option<u64>> {
+        let off = e & L1_OFFSET_MASK;
+        if e & L1_RESERVED_MASK != 0 || !off.is_multiple_of(self.geo.cluster_size()) {
+            return Err(Error::Corrupt(format!("invalid L1 entry {e:#x}")));
+        }
+        Ok((off != 0).then_some(off))
+    }
+
+    /// The host clusters an L2 entry uses (compressed data may span two).
+    fn entry_clusters(&self, e: L2Entry) -> Option<(u64, u64)> {
+        let cb = self.geo.cluster_bits;
+        if e.word & COMPRESSED != 0 {
+            let (off, len) = self.geo.compressed_extent(e.word);
+            Some((off >> cb, (off + len - 1) >> cb))
+        } else if self.geo.is_allocated(e) {
+            let c = (e.word & L2_OFFSET_MASK) >> cb;
+            Some((c, c))
+        } else {
+            None
+        }
+    }
+
+    /// Do `walk` to every L2 table of `l1` and every cluster their entries use.
+    async fn walk_tree(&self, meta: &mut Meta, l1: &[u64], walk: Walk) -> Result<()> {
+        for &e in l1 {
+            let Some(off) = self.l2_of(e)? else {
+                continue;
+            };
+            let table = self.l2_table(meta, off).await?;
+            for j in 0..self.geo.l2_entries() as usize {
+                let entry = entry_at(&table, j, self.geo.extended);
+                self.geo.validate(entry)?;
+                if let Some((first, last)) = self.entry_clusters(entry) {
+                    for c in first..=last {
+                        self.touch(meta, c, walk).await?;
+                    }
+                }
+            }
+            // The table itself last: dropping its last reference takes it out of the cache.
+            self.touch(meta, off >> self.geo.cluster_bits, walk).await?;
+        }
+        Ok(())
+    }
+
+    async fn touch(&self, meta: &mut Meta, c: u64, walk: Walk) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let file = self.file.as_ref();
+        let delta = match walk {
+            Walk::Adjust(d) => d,
+            Walk::Check { raise } => {
+                let off = c.checked_mul(cs).filter(|o| *o < MAX_HOST_OFFSET);
+                let own = off.is_none_or(|o| {
+                    meta.rc.overlaps_protected(o, cs).is_some() || meta.rc.is_block(o)
+                });
+                let rc = meta.rc.get(file, c).await?;
+                if own || rc == 0 {
+                    return Err(Error::Corrupt(format!(
+                        "snapshot tree references cluster {c:#x} (refcount {rc})"
+                    )));
+                }
+                if raise && rc >= meta.rc.max_value() {
+                    return Err(Error::Unsupported(format!(
+                        "refcount of cluster {c:#x} would overflow"
+                    )));
+                }
+                return Ok(());
+            }
+        };
+        meta.rc.adjust(file, c, delta).await?;
+        if delta < 0 && meta.rc.get(file, c).await? == 0 {
+            meta.l2.remove(c * cs);
+        }
+        Ok(())
+    }
+
+    /// Set the COPIED flags of the L2 entries under `l1` to "refcount is 1" (`exact`), or
+    /// clear them all; returns `l1` with its own flags set the same way. Changed L2 tables
+    /// are written back and flushed; the caller writes the L1 entries.
+    async fn set_copied(&self, meta: &mut Meta, l1: &[u64], exact: bool) -> Result<Vec<u64>> {
+        let file = self.file.as_ref();
+        let cb = self.geo.cluster_bits;
+        if exact {
+            // Refcounts that fell are durable before a flag claims a cluster alone.
+            meta.rc.write_dirty(file).await?;
+            file.flush().await.ctx("cannot flush the image")?;
+        }
+        let mut out = l1.to_vec();
+        for e in out.iter_mut() {
+            let Some(off) = self.l2_of(*e)? else {
+                continue;
+            };
+            let table = self.l2_table(meta, off).await?;
+            for j in 0..self.geo.l2_entries() as usize {
+                let entry = entry_at(&table, j, self.geo.extended);
+                if entry.word & COMPRESSED != 0 || !self.geo.is_allocated(entry) {
+                    continue;
+                }
+                let host = (entry.word & L2_OFFSET_MASK) >> cb;
+                let alone = exact && meta.rc.get(file, host).await? == 1;
+                if (entry.word & COPIED != 0) != alone {
+                    let word = (entry.word & !COPIED) | if alone { COPIED } else { 0 };
+                    let new = L2Entry { word, ..entry };
+                    self.set_l2_entry(meta, off, j as u64, new).await?;
+                }
+            }
+            let alone = exact && meta.rc.get(file, off >> cb).await? == 1;
+            *e = (*e & !COPIED) | if alone { COPIED } else { 0 };
+        }
+        self.writeback(meta).await?;
+        self.sync_storages().await?;
+        Ok(out)
+    }
+
+    /// Recompute the COPIED flags of the whole active tree, writing the L1 table if needed.
+    async fn fix_active_copied(&self, meta: &mut Meta) -> Result<()> {
+        let l1 = meta.l1.clone();
+        let fixed = self.set_copied(meta, &l1, true).await?;
+        if fixed != l1 {
+            meta.l1 = fixed;
+            self.write_l1(meta).await?;
+        }
+        Ok(())
+    }
+
+    /// Write the whole active L1 table in place, synced.
+    async fn write_l1(&self, meta: &mut Meta) -> Result<()> {
+        self.file
+            .write_at(meta.header.l1_table_offset, &words_to_be(&meta.l1))
+            .await
+            .ctx("cannot write the L1 table")?;
+        self.file.flush().await.ctx("cannot flush the image")
+    }
+
+    /// Store `data` as VM state in new clusters and new L2 tables; returns the L1 entries
+    /// that map it, for the L1 indexes from `first_l1` on.
+    async fn write_vm_state(
+        &self,
+        meta: &mut Meta,
+        first_l1: usize,
+        data: &[u8],
+    ) -> Result<Vec<u64>> {
+        let (cs, per) = (
+            self.geo.cluster_size() as usize,
+            self.geo.l2_entries() as usize,
+        );
+        let clusters = data.len().div_ceil(cs);
+        let tables = clusters.div_ceil(per);
+        if (first_l1 + tables) as u64 * 8 > MAX_L1_BYTES {
+            return Err(Error::InvalidOption("VM state too large".into()));
+        }
+        let words = self.geo.entry_words();
+        let mut l1 = Vec::with_capacity(tables);
+        for t in 0..tables {
+            let mut table = vec![0u64; cs / 8];
+            for (k, chunk) in data[t * per * cs..].chunks(cs).take(per).enumerate() {
+                let host = meta.rc.alloc(self.file.as_ref(), 1).await?;
+                self.file
+                    .write_at(host, chunk)
+                    .await
+                    .ctx("cannot write the VM state")?;
+                table[k * words] = host | COPIED;
+                if self.geo.extended {
+                    table[k * words + 1] = u64::from(u32::MAX);
+                }
+            }
+            let off = meta.rc.alloc(self.file.as_ref(), 1).await?;
+            self.cache_l2(meta, off, Arc::new(table), true).await?;
+            l1.push(off | COPIED);
+        }
+        // Data, refcounts and tables are durable before an L1 table names them.
+        self.writeback(meta).await?;
+        self.sync_storages().await?;
+        Ok(l1)
+    }
+
+    /// Write a snapshot's L1 table to new clusters; returns its table entry.
+    async fn write_snapshot_l1(
+        &self,
+        meta: &mut Meta,
+        l1: &[u64],
+        new: &NewSnapshot<'_>,
+    ) -> Result<Entry> {
+        let cs = self.geo.cluster_size();
+        let bytes = l1.len() as u64 * 8;
+        let off = match bytes {
+            0 => 0,
+            _ => {
+                meta.rc
+                    .alloc(self.file.as_ref(), bytes.div_ceil(cs))
+                    .await?
+            }
+        };
+        self.file
+            .write_at(off, &words_to_be(l1))
+            .await
+            .ctx("cannot write a snapshot L1 table")?;
+        meta.rc.write_dirty(self.file.as_ref()).await?;
+        self.file.flush().await.ctx("cannot flush the image")?;
+        Ok(Entry {
+            l1_offset: off,
+            l1_size: l1.len() as u32,
+            id: snapshot_table::next_id(&meta.snapshots).into_bytes(),
+            name: new.name.as_bytes().to_vec(),
+            date_sec: new.date_sec,
+            date_nsec: new.date_nsec,
+            vm_clock_nsec: new.vm_clock_nsec,
+            vm_state_size: new.vm_state.len() as u64,
+            disk_size: self.size(),
+            icount: new.icount,
+            extra_bytes: snapshot_table::KNOWN_EXTRA_BYTES as u32,
+            unknown_extra: Vec::new(),
+        })
+    }
+
+    /// Drop the references of a snapshot no table entry names any more: its tree and its L1
+    /// table; then set the COPIED flags of what the active image now owns alone.
+    async fn drop_snapshot_tree(&self, meta: &mut Meta, e: &Entry, l1: &[u64]) -> Result<()> {
+        self.walk_tree(meta, l1, Walk::Adjust(-1)).await?;
+        let bytes = u64::from(e.l1_size) * 8;
+        if bytes > 0 && meta.rc.overlaps_protected(e.l1_offset, bytes).is_none() {
+            self.free_clusters(meta, e.l1_offset, bytes).await?;
+        }
+        self.fix_active_copied(meta).await
+    }
+
+    /// Make `entries` the snapshot table: write it to new clusters, flush, switch the
+    /// header's count and offset in one synced write, then free the old table.
+    async fn publish_snapshots(&self, meta: &mut Meta, entries: Vec<Entry>) -> Result<()> {
+        let cs = self.geo.cluster_size();
+        let bytes = snapshot_table::to_bytes(&entries)?;
+        let len = bytes.len() as u64;
+        let off = match len {
+            0 => 0,
+            _ => meta.rc.alloc(self.file.as_ref(), len.div_ceil(cs)).await?,
+        };
+        self.file
+            .write_at(off, &bytes)
+            .await
+            .ctx("cannot write the snapshot table")?;
+        // On failure the header may name either table; the new one stays allocated (a leak).
+        self.switch_table(meta, HEADER_SNAPSHOTS, entries.len() as u32, off)
+            .await?;
+        let (old_off, old_len) = (meta.header.snapshots_offset, meta.snapshots_bytes);
+        meta.header.nb_snapshots = entries.len() as u32;
+        meta.header.snapshots_offset = off;
+        meta.snapshots = entries;
+        meta.snapshots_bytes = len;
+        let own = meta.rc.overlaps_protected(old_off, old_len).is_some();
+        if old_len > 0 && !own {
+            self.free_clusters(meta, old_off, old_len).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;
