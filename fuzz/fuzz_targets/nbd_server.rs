@@ -54,6 +54,11 @@ impl Backend for Mem {
     async fn depth(&self, offset: u64, len: u64) -> io::Result<(u64, u32)> {
         Ok((len.min(65536 - offset % 65536), 1))
     }
+    async fn dirty(&self, _index: usize, offset: u64, len: u64) -> io::Result<(u64, u32)> {
+        // Every other 64 KiB chunk is dirty.
+        let flags = if (offset / 65536) % 2 == 0 { 1 } else { 0 };
+        Ok((len.min(65536 - offset % 65536), flags))
+    }
 }
 
 fn runtime() -> &'static tokio::runtime::Runtime {
@@ -87,6 +92,7 @@ fuzz_target!(|data: &[u8]| {
                 description: Some("d".into()),
                 writable: true,
                 allocation_depth: true,
+                bitmaps: vec!["b".into()],
                 backend,
             })
             .unwrap();

@@ -304,15 +304,25 @@ impl BlockGraph {
         self.nodes.values().rev().cloned().collect()
     }
 
-    /// Drains every node for a section in which no request may run (a transaction):
-    /// newest first, which puts parents before their children, so a request in flight on a
-    /// parent can still finish on its children. [`Self::undrain_all`] reopens them.
+    /// Quiesces the whole graph for a section in which no outside request may run (a
+    /// transaction): drains every node no other node uses, newest first. Requests only
+    /// enter the graph there (users and jobs sit on top nodes), and the section's own work
+    /// (a snapshot's table updates, a new overlay) can still reach the nodes below.
+    /// [`Self::undrain_all`] reopens them.
     pub async fn drain_all(&self) -> Vec<Arc<Node>> {
-        let nodes = self.nodes();
-        for node in &nodes {
+        let roots: Vec<Arc<Node>> = self
+            .nodes()
+            .into_iter()
+            .filter(|n| {
+                !n.parents()
+                    .iter()
+                    .any(|e| matches!(e.key, ParentKey::Node(_)))
+            })
+            .collect();
+        for node in &roots {
             node.gate().drain().await;
         }
-        nodes
+        roots
     }
 
     /// Ends a [`Self::drain_all`] section.

@@ -132,6 +132,8 @@ pub struct ImageInfo {
     pub backing_filename: Option<String>,
     pub full_backing_filename: Option<String>,
     pub backing_filename_format: Option<String>,
+    /// Internal snapshots (qcow2), oldest first.
+    pub snapshots: Vec<::qcow2::SnapshotInfo>,
     pub backing_image: Option<Box<ImageInfo>>,
 }
 
@@ -591,6 +593,7 @@ impl Node {
                 backing_filename: extra.backing_filename,
                 full_backing_filename: extra.full_backing_filename,
                 backing_filename_format: extra.backing_filename_format,
+                snapshots: extra.snapshots,
                 backing_image: backing.map(|b| Box::new(b.image)),
             },
         }

@@ -63,6 +63,7 @@ scenarios!(
     qcow2_create,
     quit,
     snapshot_external,
+    snapshot_internal,
     transaction,
 );
 

@@ -102,6 +102,8 @@ pub struct DriverInfo {
     pub backing_filename_format: Option<String>,
     /// Anonymous bitmaps the driver keeps (`dirty-bitmaps`; copy-before-write has three).
     pub dirty_bitmaps: Vec<DirtyBitmapInfo>,
+    /// Internal snapshots the image holds.
+    pub snapshots: Vec<::qcow2::SnapshotInfo>,
 }
 
 /// One entry of `dirty-bitmaps`: an anonymous bitmap, not recording, not persistent.
@@ -209,6 +211,22 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     /// Deletes the persistent bitmap `name` from the image, if it is there.
     async fn remove_persistent_bitmap(&self, _name: &str) -> Result<()> {
         Ok(())
+    }
+    /// Whether the format keeps internal snapshots (QEMU's `bdrv_can_snapshot`).
+    fn can_snapshot(&self) -> bool {
+        false
+    }
+    /// Takes an internal snapshot called `name` (the caller drained the node).
+    async fn snapshot_create(&self, _name: &str) -> Result<::qcow2::SnapshotInfo> {
+        Err(Error::OperationNotSupported)
+    }
+    /// Deletes the internal snapshot matching `id` and `name` (QEMU's rules); returns it.
+    async fn snapshot_delete(
+        &self,
+        _id: Option<&str>,
+        _name: Option<&str>,
+    ) -> Result<::qcow2::SnapshotInfo> {
+        Err(Error::OperationNotSupported)
     }
     /// Writes back what the driver keeps in memory and leaves the image consistent
     /// (clean) on its storage; called once, when the node leaves the graph.

@@ -213,6 +213,8 @@ pub struct Qcow2Driver {
     header: Mutex<qcow2::Header>,
     /// The bitmap directory as last read (for `format-specific`).
     bitmap_dir: Mutex<Vec<qcow2::BitmapInfo>>,
+    /// The snapshot table as last read (for `snapshots` in the image info).
+    snapshot_list: Mutex<Vec<qcow2::SnapshotInfo>>,
 }
 
 impl std::fmt::Debug for Qcow2Driver {
@@ -272,6 +274,7 @@ impl Qcow2Driver {
         .map_err(format_error)?;
         let header = image.header().await;
         let bitmap_dir = image.bitmaps().await;
+        let snapshot_list = image.snapshots().await;
         Ok(Self {
             image,
             file,
@@ -279,6 +282,7 @@ impl Qcow2Driver {
             backing_overridden: false,
             header: Mutex::new(header),
             bitmap_dir: Mutex::new(bitmap_dir),
+            snapshot_list: Mutex::new(snapshot_list),
         })
     }
 
@@ -305,6 +309,8 @@ impl Qcow2Driver {
         }
         let dir = self.image.bitmaps().await;
         *self.bitmap_dir.lock().unwrap_or_else(|e| e.into_inner()) = dir;
+        let list = self.image.snapshots().await;
+        *self.snapshot_list.lock().unwrap_or_else(|e| e.into_inner()) = list;
     }
 
     fn backing_reader(&self) -> Option<BackingReader<'_>> {
@@ -510,6 +516,11 @@ impl BlockDriver for Qcow2Driver {
             full_backing_filename: full,
             backing_filename_format: header.extensions.backing_format.clone(),
             dirty_bitmaps: Vec::new(),
+            snapshots: self
+                .snapshot_list
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
         }
     }
 
@@ -558,6 +569,38 @@ impl BlockDriver for Qcow2Driver {
             })
             .collect();
         let result = self.image.store_bitmaps(&store).await.map_err(format_error);
+        self.refresh_header().await;
+        result
+    }
+
+    fn can_snapshot(&self) -> bool {
+        true
+    }
+
+    async fn snapshot_create(&self, name: &str) -> Result<qcow2::SnapshotInfo> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        // blockd runs no guest: the VM clock is the wall clock, as qemu-storage-daemon's.
+        let mut new = qcow2::NewSnapshot::new(name);
+        new.date_sec = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
+        new.date_nsec = now.subsec_nanos();
+        new.vm_clock_nsec = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        let result = self.image.create_snapshot(&new).await.map_err(format_error);
+        self.refresh_header().await;
+        result
+    }
+
+    async fn snapshot_delete(
+        &self,
+        id: Option<&str>,
+        name: Option<&str>,
+    ) -> Result<qcow2::SnapshotInfo> {
+        let result = self
+            .image
+            .delete_snapshot(id, name)
+            .await
+            .map_err(format_error);
         self.refresh_header().await;
         result
     }

@@ -363,6 +363,10 @@ fn image_info(image: &ImageInfo) -> Value {
     if let Some(format) = &image.backing_filename_format {
         m.insert("backing-filename-format".into(), format.clone().into());
     }
+    if !image.snapshots.is_empty() {
+        let list = image.snapshots.iter().map(super::snapshot::snapshot_info);
+        m.insert("snapshots".into(), Value::Array(list.collect()));
+    }
     if let Some(backing) = &image.backing_image {
         m.insert("backing-image".into(), image_info(backing));
     }

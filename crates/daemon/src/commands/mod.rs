@@ -80,6 +80,14 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("x-debug-block-dirty-bitmap-sha256", bitmap::sha256),
     ("transaction", transaction::transaction),
     ("blockdev-snapshot-sync", snapshot::blockdev_snapshot_sync),
+    (
+        "blockdev-snapshot-internal-sync",
+        snapshot::blockdev_snapshot_internal_sync,
+    ),
+    (
+        "blockdev-snapshot-delete-internal-sync",
+        snapshot::blockdev_snapshot_delete_internal_sync,
+    ),
     ("object-add", object::object_add),
     ("object-del", object::object_del),
 ];

@@ -110,3 +110,131 @@ pub fn blockdev_snapshot_sync(state: &mut State, a: Value) -> Reply<'_> {
         Ok(empty())
     })
 }
+
+/// `SnapshotInfo` as QEMU prints it.
+pub fn snapshot_info(s: &qcow2::SnapshotInfo) -> Value {
+    let mut v = json!({
+        "id": s.id, "name": s.name, "vm-state-size": s.vm_state_size,
+        "date-sec": s.date_sec, "date-nsec": s.date_nsec,
+        "vm-clock-sec": s.vm_clock_nsec / 1_000_000_000,
+        "vm-clock-nsec": s.vm_clock_nsec % 1_000_000_000,
+    });
+    if let Some(icount) = s.icount {
+        v["icount"] = json!(icount);
+    }
+    v
+}
+
+/// The node a snapshot command names: found by node name and a root (no node parents).
+fn root_node(state: &State, device: &str) -> Result<Arc<block::Node>, QmpError> {
+    let node = state.graph.get(device).ok_or_else(|| {
+        QmpError::generic(format!(
+            "Cannot find device='{device}' nor node-name='{device}'"
+        ))
+    })?;
+    let has_node_parent = node
+        .parents()
+        .iter()
+        .any(|e| matches!(e.key, block::node::ParentKey::Node(_)));
+    if has_node_parent {
+        return Err(QmpError::generic("Need a root block node"));
+    }
+    Ok(node)
+}
+
+/// QEMU's snapshot messages name the device.
+fn on_device(err: block::Error, device: &str) -> QmpError {
+    let text = err.to_string();
+    if text.starts_with("Snapshot with") {
+        QmpError::generic(format!("{text} on device '{device}'"))
+    } else {
+        QmpError::generic(text)
+    }
+}
+
+#[derive(Deserialize)]
+struct InternalArgs {
+    device: String,
+    name: String,
+}
+
+/// A snapshot taken inside a transaction: an abort deletes it again.
+pub struct InternalPrepared {
+    node: Arc<block::Node>,
+    id: String,
+}
+
+impl InternalPrepared {
+    pub async fn abort(self) {
+        // QEMU only reports a failure here; the snapshot stays.
+        let _ = self
+            .node
+            .driver()
+            .snapshot_delete(Some(&self.id), None)
+            .await;
+    }
+}
+
+pub async fn prepare_internal(state: &mut State, a: Value) -> Result<InternalPrepared, QmpError> {
+    let a: InternalArgs = args(a)?;
+    let node = root_node(state, &a.device)?;
+    if node.is_read_only() {
+        return Err(QmpError::generic(format!(
+            "Device '{}' is read only",
+            a.device
+        )));
+    }
+    if !node.driver().can_snapshot() {
+        return Err(QmpError::generic(format!(
+            "Block format '{}' used by device '{}' does not support internal snapshots",
+            node.driver_name(),
+            a.device
+        )));
+    }
+    if a.name.is_empty() {
+        return Err(QmpError::generic("Name is empty"));
+    }
+    // No request may be half way through the image while its tables change.
+    node.gate().drain().await;
+    let taken = node.driver().snapshot_create(&a.name).await;
+    node.gate().undrain();
+    let info = taken.map_err(|e| on_device(e, &a.device))?;
+    Ok(InternalPrepared { node, id: info.id })
+}
+
+pub fn blockdev_snapshot_internal_sync(state: &mut State, a: Value) -> Reply<'_> {
+    Box::pin(async move {
+        prepare_internal(state, a).await?;
+        Ok(empty())
+    })
+}
+
+#[derive(Deserialize)]
+struct DeleteArgs {
+    device: String,
+    id: Option<String>,
+    name: Option<String>,
+}
+
+pub fn blockdev_snapshot_delete_internal_sync(state: &mut State, a: Value) -> Reply<'_> {
+    Box::pin(async move {
+        let a: DeleteArgs = args(a)?;
+        let node = root_node(state, &a.device)?;
+        if a.id.is_none() && a.name.is_none() {
+            return Err(QmpError::generic("Name or id must be provided"));
+        }
+        if !node.driver().can_snapshot() {
+            return Err(QmpError::generic(
+                "Failed to get a snapshot list: Operation not supported",
+            ));
+        }
+        node.gate().drain().await;
+        let deleted = node
+            .driver()
+            .snapshot_delete(a.id.as_deref(), a.name.as_deref())
+            .await;
+        node.gate().undrain();
+        let info = deleted.map_err(|e| on_device(e, &a.device))?;
+        Ok(snapshot_info(&info))
+    })
+}

@@ -42,6 +42,8 @@ enum Prepared {
     Backup(String),
     /// An external snapshot's overlay, in place.
     Snapshot(snapshot::Prepared),
+    /// An internal snapshot, taken.
+    Internal(snapshot::InternalPrepared),
 }
 
 impl Prepared {
@@ -50,6 +52,7 @@ impl Prepared {
         match self {
             Prepared::Bitmap(undo) => undo.commit(),
             Prepared::Snapshot(p) => p.commit(state),
+            Prepared::Internal(_) => {}
             Prepared::Backup(id) => {
                 // Started inside the drained section: it pauses at once and runs when the
                 // section ends.
@@ -65,6 +68,7 @@ impl Prepared {
         match self {
             Prepared::Bitmap(undo) => undo.abort(),
             Prepared::Snapshot(p) => p.abort(state).await,
+            Prepared::Internal(p) => p.abort().await,
             Prepared::Backup(id) => {
                 let State { jobs, graph, .. } = state;
                 // A created job cancels at once (aborting, concluded, null).
@@ -92,6 +96,9 @@ async fn prepare(
             Prepared::Backup(backup::prepare_blockdev_backup(state, data, txn).await?)
         }
         "drive-backup" => Prepared::Backup(backup::prepare_drive_backup(state, data, txn).await?),
+        "blockdev-snapshot-internal-sync" => {
+            Prepared::Internal(snapshot::prepare_internal(state, data).await?)
+        }
         "blockdev-snapshot-sync" => {
             Prepared::Snapshot(snapshot::prepare_snapshot_sync(state, data).await?)
         }
