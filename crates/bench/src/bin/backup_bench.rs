@@ -46,7 +46,11 @@ fn fresh_target(dir: &Path, fmt: Format, mib: u64) -> Result<PathBuf> {
     let _ = std::fs::remove_file(&target);
     let size = format!("{mib}M");
     let t = bench::utf8(&target)?;
-    bench::run("qemu-img", "qemu-utils", &["create", "-q", "-f", fmt.name(), t, &size])?;
+    bench::run(
+        "qemu-img",
+        "qemu-utils",
+        &["create", "-q", "-f", fmt.name(), t, &size],
+    )?;
     Ok(target)
 }
 
@@ -245,12 +249,16 @@ fn main() -> Result<()> {
                 written[i].push(w);
             }
         }
-        let with_writer = |i: usize| -> Vec<Duration> { written[i].iter().map(|w| w.backup).collect() };
+        let with_writer =
+            |i: usize| -> Vec<Duration> { written[i].iter().map(|w| w.backup).collect() };
         for (what, t) in [
             ("", [bench::median(&times[0]), bench::median(&times[1])]),
             (
                 ", with 4 KiB writes to the source",
-                [bench::median(&with_writer(0)), bench::median(&with_writer(1))],
+                [
+                    bench::median(&with_writer(0)),
+                    bench::median(&with_writer(1)),
+                ],
             ),
         ] {
             writeln!(
