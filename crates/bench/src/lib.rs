@@ -112,6 +112,50 @@ impl SideBySide {
     }
 }
 
+impl SideBySide {
+    /// A new temporary directory for the images, under `--dir` (default `.`).
+    pub fn workdir(&self, prefix: &str) -> Result<tempfile::TempDir> {
+        let base = self
+            .dir
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from("."));
+        Ok(tempfile::Builder::new().prefix(prefix).tempdir_in(&base)?)
+    }
+
+    /// Prints `section` (see [`section_head`]) and, with `--out`, puts it in that file
+    /// between the markers `start` and `end`.
+    pub fn publish(&self, start: &str, end: &str, section: &str) -> Result<()> {
+        use std::io::Write as _;
+        print!("{section}");
+        std::io::stdout().flush()?;
+        if let Some(out) = &self.out {
+            write_section(out, start, end, section)?;
+            eprintln!("wrote {}", out.display());
+        }
+        Ok(())
+    }
+}
+
+/// The start of a report section: its `start` marker, the `title` heading, and the date
+/// and machine lines.
+pub fn section_head(start: &str, title: &str) -> String {
+    format!(
+        "{start}\n## {title}\n\n- date: {}\n- machine: {}\n",
+        today(),
+        machine()
+    )
+}
+
+/// `qemu-img convert -O fmt from to`.
+pub fn convert(from: &Path, to: &Path, fmt: &str) -> Result<()> {
+    run(
+        "qemu-img",
+        "qemu-utils",
+        &["convert", "-O", fmt, utf8(from)?, utf8(to)?],
+    )?;
+    Ok(())
+}
+
 /// A file of `mib` MiB whose every `step`-th MiB (from the first) holds pseudo-random bytes;
 /// the rest are holes (`step` 1: all data).
 pub fn random_file(path: &Path, mib: u64, step: u64) -> Result<()> {

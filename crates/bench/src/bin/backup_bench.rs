@@ -14,7 +14,6 @@
 //! ```
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -198,25 +197,12 @@ fn backup_with_writer(
 
 fn main() -> Result<()> {
     let opts = bench::SideBySide::parse("backup-bench", 3, 4096)?;
-    let base = opts.dir.clone().unwrap_or_else(|| PathBuf::from("."));
-    let dir = tempfile::Builder::new()
-        .prefix("backup-bench-")
-        .tempdir_in(&base)?;
+    let dir = opts.workdir("backup-bench-")?;
     let raw = dir.path().join("source.raw");
     let qcow2 = dir.path().join("source.qcow2");
     eprintln!("making a {} MiB source, half random data", opts.size_mib);
     bench::random_file(&raw, opts.size_mib, 2)?;
-    bench::run(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "convert",
-            "-O",
-            "qcow2",
-            bench::utf8(&raw)?,
-            bench::utf8(&qcow2)?,
-        ],
-    )?;
+    bench::convert(&raw, &qcow2, "qcow2")?;
     let sides = [("blockd", opts.blockd.clone()), ("qemu", opts.qsd.clone())];
     let mut rows = String::new();
     let mut latency_rows = String::new();
@@ -291,11 +277,7 @@ fn main() -> Result<()> {
             )?;
         }
     }
-    let mut section = String::new();
-    writeln!(section, "{START_MARK}")?;
-    writeln!(section, "## Backup: blockd vs qemu-storage-daemon\n")?;
-    writeln!(section, "- date: {}", bench::today())?;
-    writeln!(section, "- machine: {}", bench::machine())?;
+    let mut section = bench::section_head(START_MARK, "Backup: blockd vs qemu-storage-daemon");
     writeln!(
         section,
         "- method: `target/release/backup-bench --rounds {} --out BENCHMARKS.md`; both daemons get the same source and a fresh target made by `qemu-img create`, `sync` before each run; time from `blockdev-backup` to `BLOCK_JOB_COMPLETED`; rounds alternate which daemon goes first; medians; every target is checked with `qemu-img compare` against the source as it was when the backup started",
@@ -322,11 +304,5 @@ fn main() -> Result<()> {
     writeln!(section, "|---|---|---:|---:|---:|")?;
     section.push_str(&latency_rows);
     writeln!(section, "{END_MARK}")?;
-    print!("{section}");
-    std::io::stdout().flush()?;
-    if let Some(out) = &opts.out {
-        bench::write_section(out, START_MARK, END_MARK, &section)?;
-        eprintln!("wrote {}", out.display());
-    }
-    Ok(())
+    opts.publish(START_MARK, END_MARK, &section)
 }

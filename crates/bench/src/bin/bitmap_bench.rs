@@ -24,8 +24,7 @@
 //! ```
 
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -239,27 +238,12 @@ fn write_iops(
 
 fn main() -> Result<()> {
     let opts = bench::SideBySide::parse("bitmap-bench", 3, 4096)?;
-    let base = opts.dir.clone().unwrap_or_else(|| PathBuf::from("."));
-    let dir = tempfile::Builder::new()
-        .prefix("bitmap-bench-")
-        .tempdir_in(&base)?;
+    let dir = opts.workdir("bitmap-bench-")?;
     let raw = dir.path().join("source.raw");
     let source = dir.path().join("source.qcow2");
     eprintln!("making a {} MiB qcow2 full of random data", opts.size_mib);
     bench::random_file(&raw, opts.size_mib, 1)?;
-    bench::run(
-        "qemu-img",
-        "qemu-utils",
-        &[
-            "convert",
-            "-O",
-            "qcow2",
-            "-o",
-            "cluster_size=64k",
-            bench::utf8(&raw)?,
-            bench::utf8(&source)?,
-        ],
-    )?;
+    bench::convert(&raw, &source, "qcow2")?;
     std::fs::remove_file(&raw)?;
     let clusters = (opts.size_mib << 20) / CLUSTER;
     let dirty = clusters * DIRTY_PERCENT / 100;
@@ -307,11 +291,8 @@ fn main() -> Result<()> {
                 .collect::<Vec<_>>(),
         )
     };
-    let mut section = String::new();
-    writeln!(section, "{START_MARK}")?;
-    writeln!(section, "## Dirty bitmaps: blockd vs qemu-storage-daemon\n")?;
-    writeln!(section, "- date: {}", bench::today())?;
-    writeln!(section, "- machine: {}", bench::machine())?;
+    let mut section =
+        bench::section_head(START_MARK, "Dirty bitmaps: blockd vs qemu-storage-daemon");
     writeln!(
         section,
         "- method: `target/release/bitmap-bench --rounds {} --out BENCHMARKS.md`; a {} MiB qcow2 (64 KiB clusters) fully allocated with random data, exported writable over a unix socket (`--nbd-server`, `--export`) by each daemon in turn; rounds alternate which daemon goes first; medians",
@@ -352,11 +333,5 @@ fn main() -> Result<()> {
         cost(1)
     )?;
     writeln!(section, "{END_MARK}")?;
-    print!("{section}");
-    std::io::stdout().flush()?;
-    if let Some(out) = &opts.out {
-        bench::write_section(out, START_MARK, END_MARK, &section)?;
-        eprintln!("wrote {}", out.display());
-    }
-    Ok(())
+    opts.publish(START_MARK, END_MARK, &section)
 }

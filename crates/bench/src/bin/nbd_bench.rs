@@ -14,7 +14,7 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -125,26 +125,14 @@ fn socket_limit() -> Result<f64> {
 
 fn main() -> Result<()> {
     let opts = bench::SideBySide::parse("nbd-bench", 3, 2048)?;
-    let base = opts.dir.clone().unwrap_or_else(|| PathBuf::from("."));
-    let dir = tempfile::Builder::new()
-        .prefix("nbd-bench-")
-        .tempdir_in(&base)?;
+    let dir = opts.workdir("nbd-bench-")?;
     let local = dir.path().join("local.raw");
     eprintln!("making {} MiB of random data", opts.size_mib);
     bench::random_file(&local, opts.size_mib, 1)?;
-    let l = local.to_str().context("path")?;
     let raw = dir.path().join("disk.raw");
     let qcow2 = dir.path().join("disk.qcow2");
-    bench::run(
-        "qemu-img",
-        "qemu-utils",
-        &["convert", "-O", "raw", l, raw.to_str().context("path")?],
-    )?;
-    bench::run(
-        "qemu-img",
-        "qemu-utils",
-        &["convert", "-O", "qcow2", l, qcow2.to_str().context("path")?],
-    )?;
+    bench::convert(&local, &raw, "raw")?;
+    bench::convert(&local, &qcow2, "qcow2")?;
     let sides = [("blockd", opts.blockd.clone()), ("qemu", opts.qsd.clone())];
     let works = [
         Work::SeqRead,
@@ -193,11 +181,7 @@ fn main() -> Result<()> {
     }
     let memcpy = memcpy_limit();
     let socket = socket_limit()?;
-    let mut section = String::new();
-    writeln!(section, "{START_MARK}")?;
-    writeln!(section, "## NBD exports: blockd vs qemu-storage-daemon\n")?;
-    writeln!(section, "- date: {}", bench::today())?;
-    writeln!(section, "- machine: {}", bench::machine())?;
+    let mut section = bench::section_head(START_MARK, "NBD exports: blockd vs qemu-storage-daemon");
     writeln!(
         section,
         "- method: `target/release/nbd-bench --rounds {} --out BENCHMARKS.md`; a {} MiB image fully allocated with random data (raw, and qcow2 made by `qemu-img convert`), exported writable over a unix socket by each daemon in turn (`--nbd-server` and `--export`, defaults otherwise); rounds alternate which daemon goes first; medians",
@@ -211,11 +195,5 @@ fn main() -> Result<()> {
     writeln!(section, "|---|---|---:|---:|---:|")?;
     section.push_str(&rows);
     writeln!(section, "{END_MARK}")?;
-    print!("{section}");
-    std::io::stdout().flush()?;
-    if let Some(out) = &opts.out {
-        bench::write_section(out, START_MARK, END_MARK, &section)?;
-        eprintln!("wrote {}", out.display());
-    }
-    Ok(())
+    opts.publish(START_MARK, END_MARK, &section)
 }
