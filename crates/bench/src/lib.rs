@@ -136,13 +136,23 @@ impl SideBySide {
     }
 }
 
-/// The start of a report section: its `start` marker, the `title` heading, and the date
-/// and machine lines.
-pub fn section_head(start: &str, title: &str) -> String {
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` has them.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The start of a report section: its `start` marker, the `title` heading, and the date,
+/// machine and load lines (`load_before` from [`loadavg`] when the run began; the load
+/// after is read now).
+pub fn section_head(start: &str, title: &str, load_before: &str) -> String {
     format!(
-        "{start}\n## {title}\n\n- date: {}\n- machine: {}\n",
+        "{start}\n## {title}\n\n- date: {}\n- machine: {}\n\
+         - load average (1, 5, 15 min) before / after: {load_before} / {}\n",
         today(),
-        machine()
+        machine(),
+        loadavg()
     )
 }
 

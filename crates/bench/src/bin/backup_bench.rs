@@ -8,6 +8,12 @@
 //! rounds alternate which daemon goes first. Medians and blockd/QSD throughput
 //! ratios (higher is better) are reported; timing is never asserted.
 //!
+//! Each round also backs up a copy of the source that the daemon exports over NBD,
+//! while fio writes 4 KiB at random to the export (queue depth 1) from the moment the
+//! backup has started until it completes: the latency and rate of those writes are the
+//! copy-before-write cost a client sees; the same writes without a backup follow, for
+//! scale. Every target is compared with the source as it was when its backup started.
+//!
 //! ```text
 //! cargo build --release -p daemon -p bench
 //! target/release/backup-bench [--rounds N] [--size-mib N] [--dir DIR] [--out BENCHMARKS.md]
@@ -196,6 +202,7 @@ fn backup_with_writer(
 }
 
 fn main() -> Result<()> {
+    let load = bench::loadavg();
     let opts = bench::SideBySide::parse("backup-bench", 3, 4096)?;
     let dir = opts.workdir("backup-bench-")?;
     let raw = dir.path().join("source.raw");
@@ -295,7 +302,8 @@ fn main() -> Result<()> {
             writes(1)
         );
     }
-    let mut section = bench::section_head(START_MARK, "Backup: blockd vs qemu-storage-daemon");
+    let mut section =
+        bench::section_head(START_MARK, "Backup: blockd vs qemu-storage-daemon", &load);
     writeln!(
         section,
         "- method: `target/release/backup-bench --rounds {} --out BENCHMARKS.md`; both daemons get the same source and a fresh target made by `qemu-img create`, `sync` before each run; time from `blockdev-backup` to `BLOCK_JOB_COMPLETED`; rounds alternate which daemon goes first; medians; every target is checked with `qemu-img compare` against the source as it was when the backup started",

@@ -13,7 +13,7 @@
 //!   the source serving as the target's backing file.
 //! - the bitmaps' cost on writes: fio 4 KiB random writes, queue depth 32, for a few
 //!   seconds, with no bitmap and with two enabled bitmaps on the exported node, in the
-//!   order none, two, two, none (or the reverse) within one daemon run.
+//!   order none, two, two, none, twice (or the other way round) within one daemon run.
 //!
 //! Rounds alternate which daemon goes first; medians and ratios are reported; timing is
 //! never asserted.
@@ -39,7 +39,7 @@ const CLUSTER: u64 = 64 << 10;
 /// Percent of the clusters made dirty before the incremental backup.
 const DIRTY_PERCENT: u64 = 5;
 /// Length of each 4 KiB random-write run.
-const WRITE_SECONDS: u64 = 4;
+const WRITE_SECONDS: u64 = 2;
 
 /// The command-line nodes: `src` (qcow2) over `source`, and `tgt` (qcow2) over `target`.
 fn nodes(source: &Path, target: Option<&Path>) -> Result<Vec<String>> {
@@ -198,8 +198,9 @@ fn set_bitmaps(qmp: &mut Qmp, on: bool) -> Result<()> {
     Ok(())
 }
 
-/// 4 KiB random-write IOPS without bitmaps and with two, each the mean of two runs in the
-/// order none, two, two, none (`two_first`: two, none, none, two) on one daemon.
+/// 4 KiB random-write IOPS without bitmaps and with two, each the mean of four runs in the
+/// order none, two, two, none, none, two, two, none (`two_first`: the other way round) on
+/// one daemon, so that a drift of the machine's load weighs on both alike.
 fn write_iops(
     binary: &Path,
     dir: &Path,
@@ -211,7 +212,8 @@ fn write_iops(
     let mut qmp = daemon.qmp()?;
     let mut sums = [0.0; 2];
     let mut on = false;
-    for step in [two_first, !two_first, !two_first, two_first] {
+    let (a, b) = (two_first, !two_first);
+    for step in [a, b, b, a, a, b, b, a] {
         if step != on {
             set_bitmaps(&mut qmp, step)?;
             on = step;
@@ -233,10 +235,11 @@ fn write_iops(
     }
     let _ = qmp.execute("quit", json!({}));
     daemon.wait_exit(Duration::from_secs(60))?;
-    Ok(sums.map(|s| s / 2.0))
+    Ok(sums.map(|s| s / 4.0))
 }
 
 fn main() -> Result<()> {
+    let load = bench::loadavg();
     let opts = bench::SideBySide::parse("bitmap-bench", 3, 4096)?;
     let dir = opts.workdir("bitmap-bench-")?;
     let raw = dir.path().join("source.raw");
@@ -291,8 +294,11 @@ fn main() -> Result<()> {
                 .collect::<Vec<_>>(),
         )
     };
-    let mut section =
-        bench::section_head(START_MARK, "Dirty bitmaps: blockd vs qemu-storage-daemon");
+    let mut section = bench::section_head(
+        START_MARK,
+        "Dirty bitmaps: blockd vs qemu-storage-daemon",
+        &load,
+    );
     writeln!(
         section,
         "- method: `target/release/bitmap-bench --rounds {} --out BENCHMARKS.md`; a {} MiB qcow2 (64 KiB clusters) fully allocated with random data, exported writable over a unix socket (`--nbd-server`, `--export`) by each daemon in turn; rounds alternate which daemon goes first; medians",
@@ -304,7 +310,7 @@ fn main() -> Result<()> {
     )?;
     writeln!(
         section,
-        "- write cost: fio (nbd engine) `randwrite`, `bs=4k`, `iodepth=32`, {WRITE_SECONDS} s time-based over the whole image, `sync` before each run; per daemon run none, two, two, none (every other round two, none, none, two), the two bitmaps added with `block-dirty-bitmap-add` (default granularity) and removed with `block-dirty-bitmap-remove`; the cost is the median over the daemon runs of 1 - IOPS with bitmaps / IOPS without\n"
+        "- write cost: fio (nbd engine) `randwrite`, `bs=4k`, `iodepth=32`, {WRITE_SECONDS} s time-based over the whole image, `sync` before each run; per daemon run none, two, two, none, none, two, two, none (every other round the other way round), the two bitmaps added with `block-dirty-bitmap-add` (default granularity) and removed with `block-dirty-bitmap-remove`; the cost is the median over the daemon runs of 1 - IOPS with bitmaps / IOPS without\n"
     )?;
     writeln!(section, "| workload | blockd | QSD | blockd/QSD |")?;
     writeln!(section, "|---|---:|---:|---:|")?;

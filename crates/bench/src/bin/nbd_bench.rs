@@ -124,6 +124,7 @@ fn socket_limit() -> Result<f64> {
 }
 
 fn main() -> Result<()> {
+    let load = bench::loadavg();
     let opts = bench::SideBySide::parse("nbd-bench", 3, 2048)?;
     let dir = opts.workdir("nbd-bench-")?;
     let local = dir.path().join("local.raw");
@@ -181,7 +182,11 @@ fn main() -> Result<()> {
     }
     let memcpy = memcpy_limit();
     let socket = socket_limit()?;
-    let mut section = bench::section_head(START_MARK, "NBD exports: blockd vs qemu-storage-daemon");
+    let mut section = bench::section_head(
+        START_MARK,
+        "NBD exports: blockd vs qemu-storage-daemon",
+        &load,
+    );
     writeln!(
         section,
         "- method: `target/release/nbd-bench --rounds {} --out BENCHMARKS.md`; a {} MiB image fully allocated with random data (raw, and qcow2 made by `qemu-img convert`), exported writable over a unix socket by each daemon in turn (`--nbd-server` and `--export`, defaults otherwise); rounds alternate which daemon goes first; medians",
