@@ -268,10 +268,10 @@ fn main() -> Result<()> {
         }
         type Pick = fn(&Written) -> f64;
         let picks: [(&str, &str, Pick); 6] = [
-            ("latency p50, during the backup", "µs", |w| {
+            ("latency p50, during the backup", " µs", |w| {
                 w.during.clat_p50_us
             }),
-            ("latency p99, during the backup", "µs", |w| {
+            ("latency p99, during the backup", " µs", |w| {
                 w.during.clat_p99_us
             }),
             ("writes per second, during the backup", "", |w| {
