@@ -112,6 +112,60 @@ impl SideBySide {
     }
 }
 
+impl SideBySide {
+    /// A new temporary directory for the images, under `--dir` (default `.`).
+    pub fn workdir(&self, prefix: &str) -> Result<tempfile::TempDir> {
+        let base = self
+            .dir
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from("."));
+        Ok(tempfile::Builder::new().prefix(prefix).tempdir_in(&base)?)
+    }
+
+    /// Prints `section` (see [`section_head`]) and, with `--out`, puts it in that file
+    /// between the markers `start` and `end`.
+    pub fn publish(&self, start: &str, end: &str, section: &str) -> Result<()> {
+        use std::io::Write as _;
+        print!("{section}");
+        std::io::stdout().flush()?;
+        if let Some(out) = &self.out {
+            write_section(out, start, end, section)?;
+            eprintln!("wrote {}", out.display());
+        }
+        Ok(())
+    }
+}
+
+/// The 1, 5 and 15 minute load averages, as `/proc/loadavg` has them.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The start of a report section: its `start` marker, the `title` heading, and the date,
+/// machine and load lines (`load_before` from [`loadavg`] when the run began; the load
+/// after is read now).
+pub fn section_head(start: &str, title: &str, load_before: &str) -> String {
+    format!(
+        "{start}\n## {title}\n\n- date: {}\n- machine: {}\n\
+         - load average (1, 5, 15 min) before / after: {load_before} / {}\n",
+        today(),
+        machine(),
+        loadavg()
+    )
+}
+
+/// `qemu-img convert -O fmt from to`.
+pub fn convert(from: &Path, to: &Path, fmt: &str) -> Result<()> {
+    run(
+        "qemu-img",
+        "qemu-utils",
+        &["convert", "-O", fmt, utf8(from)?, utf8(to)?],
+    )?;
+    Ok(())
+}
+
 /// A file of `mib` MiB whose every `step`-th MiB (from the first) holds pseudo-random bytes;
 /// the rest are holes (`step` 1: all data).
 pub fn random_file(path: &Path, mib: u64, step: u64) -> Result<()> {
@@ -131,4 +185,149 @@ pub fn random_file(path: &Path, mib: u64, step: u64) -> Result<()> {
     }
     f.sync_all()?;
     Ok(())
+}
+
+/// Runs `program` with `args` and returns its stdout; fails with its output when it fails,
+/// and names the Debian `package` that brings it when it cannot be started.
+pub fn run(program: &str, package: &str, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("{program} is needed (apt-get install {package})"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{program} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The middle value (the upper one of an even count); `v` must not be empty.
+pub fn median<T: Copy + PartialOrd>(v: &[T]) -> T {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// `path` as UTF-8, which the daemons' command lines and the QEMU tools need.
+pub fn utf8(path: &Path) -> Result<&str> {
+    path.to_str()
+        .with_context(|| format!("non-UTF-8 path {}", path.display()))
+}
+
+/// Starts `binary` in `dir` with the command-line `nodes` plus an NBD server on a unix
+/// socket in `dir` that exports node `node` writable under the name `disk`; returns the
+/// daemon once the socket is there, and the export's URI.
+pub fn start_exporting(
+    binary: &Path,
+    dir: &Path,
+    nodes: &[String],
+    node: &str,
+) -> Result<(testkit::Daemon, String)> {
+    let sock = dir.join("nbd.sock");
+    let _ = std::fs::remove_file(&sock);
+    let mut args = nodes.to_vec();
+    args.extend([
+        "--nbd-server".to_string(),
+        format!("addr.type=unix,addr.path={}", utf8(&sock)?),
+        "--export".to_string(),
+        format!("type=nbd,id=e,node-name={node},name=disk,writable=on"),
+    ]);
+    let daemon = testkit::Daemon::start_in(binary, dir, &args)?;
+    for _ in 0..500 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    if !sock.exists() {
+        anyhow::bail!("{}: no NBD socket", binary.display());
+    }
+    Ok((daemon, format!("nbd+unix:///disk?socket={}", utf8(&sock)?)))
+}
+
+/// What fio reports for one direction of a job.
+#[derive(Debug, Clone, Copy)]
+pub struct FioSide {
+    pub ios: u64,
+    pub iops: f64,
+    pub mib_s: f64,
+    /// Completion latency percentiles, µs (0 when no request completed).
+    pub clat_p50_us: f64,
+    pub clat_p99_us: f64,
+}
+
+/// The fio arguments that point its nbd engine at `uri` and ask for JSON output.
+fn fio_args<'a>(uri: &'a str, args: &[&'a str]) -> Vec<String> {
+    let mut all = vec![
+        "--name=bench".to_string(),
+        "--ioengine=nbd".to_string(),
+        format!("--uri={uri}"),
+        "--output-format=json".to_string(),
+    ];
+    all.extend(args.iter().map(|a| (*a).to_string()));
+    all
+}
+
+/// Parses fio's JSON output (fio may print notes before it) for direction `side`
+/// (`read` or `write`).
+pub fn fio_parse(out: &str, side: &str) -> Result<FioSide> {
+    let json = out.find('{').map_or(out, |at| &out[at..]);
+    let v: serde_json::Value = serde_json::from_str(json).context("fio's json")?;
+    let s = &v["jobs"][0][side];
+    let pct = |p: &str| s["clat_ns"]["percentile"][p].as_f64().unwrap_or(0.0) / 1000.0;
+    Ok(FioSide {
+        ios: s["total_ios"].as_u64().context("fio's total_ios")?,
+        iops: s["iops"].as_f64().context("fio's iops")?,
+        mib_s: s["bw"].as_f64().context("fio's bw")? / 1024.0,
+        clat_p50_us: pct("50.000000"),
+        clat_p99_us: pct("99.000000"),
+    })
+}
+
+/// Runs fio's nbd engine against `uri` with the job options `args` (`--rw=...` and so on)
+/// to the end, and returns direction `side` of its report.
+pub fn fio(uri: &str, args: &[&str], side: &str) -> Result<FioSide> {
+    let all = fio_args(uri, args);
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    fio_parse(&run("fio", "fio", &all)?, side)
+}
+
+/// A fio run in the background (see [`fio_start`]).
+pub struct FioRun(std::process::Child);
+
+/// Starts fio's nbd engine against `uri` with the job options `args` in the background;
+/// [`FioRun::stop`] ends it and reads its report.
+pub fn fio_start(uri: &str, args: &[&str]) -> Result<FioRun> {
+    let child = std::process::Command::new("fio")
+        .args(fio_args(uri, args))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("fio is needed (apt-get install fio)")?;
+    Ok(FioRun(child))
+}
+
+impl FioRun {
+    /// Interrupts fio (it reports what it did up to then) and returns direction `side`.
+    pub fn stop(mut self, side: &str) -> Result<FioSide> {
+        testkit::proc::send_signal(self.0.id(), "INT")?;
+        let mut out = String::new();
+        if let Some(mut stdout) = self.0.stdout.take() {
+            std::io::Read::read_to_string(&mut stdout, &mut out)?;
+        }
+        self.0.wait()?;
+        fio_parse(&out, side)
+    }
+}
+
+impl Drop for FioRun {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }

@@ -14,30 +14,13 @@
 
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
-use testkit::Daemon;
+use anyhow::{Context, Result};
 
 const START_MARK: &str = "<!-- nbd-bench:start -->";
 const END_MARK: &str = "<!-- nbd-bench:end -->";
-
-fn run(program: &str, package: &str, args: &[&str]) -> Result<String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .with_context(|| format!("{program} is needed (apt-get install {package})"))?;
-    if !out.status.success() {
-        bail!(
-            "{program} {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 #[derive(Clone, Copy)]
 enum Work {
@@ -62,14 +45,14 @@ impl Work {
 fn measure(work: Work, uri: &str, local: &Path, mib: u64) -> Result<f64> {
     // Dirty pages left by the previous workload (of either daemon) are written back first,
     // so each measurement starts from the same page-cache state.
-    run("sync", "coreutils", &[])?;
+    bench::run("sync", "coreutils", &[])?;
     match work {
         Work::SeqRead | Work::SeqWrite => {
             let local = local.to_str().context("path")?;
             let started = Instant::now();
             match work {
-                Work::SeqRead => run("nbdcopy", "libnbd-bin", &[uri, "null:"])?,
-                _ => run("nbdcopy", "libnbd-bin", &[local, uri])?,
+                Work::SeqRead => bench::run("nbdcopy", "libnbd-bin", &[uri, "null:"])?,
+                _ => bench::run("nbdcopy", "libnbd-bin", &[local, uri])?,
             };
             Ok(mib as f64 / started.elapsed().as_secs_f64())
         }
@@ -79,39 +62,25 @@ fn measure(work: Work, uri: &str, local: &Path, mib: u64) -> Result<f64> {
             } else {
                 "randwrite"
             };
-            let out = run(
-                "fio",
-                "fio",
+            let got = bench::fio(
+                uri,
                 &[
-                    "--name=bench",
-                    "--ioengine=nbd",
-                    &format!("--uri={uri}"),
                     &format!("--rw={rw}"),
                     "--bs=4k",
                     "--iodepth=32",
                     &format!("--size={mib}M"),
                     "--runtime=4",
                     "--time_based",
-                    "--output-format=json",
                 ],
+                if matches!(work, Work::RandRead) {
+                    "read"
+                } else {
+                    "write"
+                },
             )?;
-            // fio may print notes before its JSON.
-            let json = out.find('{').map_or(out.as_str(), |at| &out[at..]);
-            let v: serde_json::Value = serde_json::from_str(json).context("fio's json")?;
-            let side = if matches!(work, Work::RandRead) {
-                "read"
-            } else {
-                "write"
-            };
-            let bw_kib = v["jobs"][0][side]["bw"].as_f64().context("fio bandwidth")?;
-            Ok(bw_kib / 1024.0)
+            Ok(got.mib_s)
         }
     }
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
 }
 
 /// What one CPU copies in memory, MiB/s.
@@ -155,27 +124,16 @@ fn socket_limit() -> Result<f64> {
 }
 
 fn main() -> Result<()> {
+    let load = bench::loadavg();
     let opts = bench::SideBySide::parse("nbd-bench", 3, 2048)?;
-    let base = opts.dir.clone().unwrap_or_else(|| PathBuf::from("."));
-    let dir = tempfile::Builder::new()
-        .prefix("nbd-bench-")
-        .tempdir_in(&base)?;
+    let dir = opts.workdir("nbd-bench-")?;
     let local = dir.path().join("local.raw");
     eprintln!("making {} MiB of random data", opts.size_mib);
     bench::random_file(&local, opts.size_mib, 1)?;
-    let l = local.to_str().context("path")?;
     let raw = dir.path().join("disk.raw");
     let qcow2 = dir.path().join("disk.qcow2");
-    run(
-        "qemu-img",
-        "qemu-utils",
-        &["convert", "-O", "raw", l, raw.to_str().context("path")?],
-    )?;
-    run(
-        "qemu-img",
-        "qemu-utils",
-        &["convert", "-O", "qcow2", l, qcow2.to_str().context("path")?],
-    )?;
+    bench::convert(&local, &raw, "raw")?;
+    bench::convert(&local, &qcow2, "qcow2")?;
     let sides = [("blockd", opts.blockd.clone()), ("qemu", opts.qsd.clone())];
     let works = [
         Work::SeqRead,
@@ -189,27 +147,15 @@ fn main() -> Result<()> {
         for round in 0..opts.rounds {
             let order: [usize; 2] = if round % 2 == 0 { [0, 1] } else { [1, 0] };
             for i in order {
-                let sock = dir.path().join("nbd.sock");
-                let _ = std::fs::remove_file(&sock);
-                let img = image.to_str().context("path")?;
-                let args = [
+                let img = bench::utf8(image)?;
+                let nodes = [
                     "--blockdev".to_string(),
                     format!("driver=file,node-name=f,filename={img}"),
                     "--blockdev".to_string(),
                     format!("driver={fmt},node-name=d,file=f"),
-                    "--nbd-server".to_string(),
-                    format!("addr.type=unix,addr.path={}", sock.display()),
-                    "--export".to_string(),
-                    "type=nbd,id=e,node-name=d,name=disk,writable=on".to_string(),
                 ];
-                let mut daemon = Daemon::start_in(&sides[i].1, dir.path(), &args)?;
-                for _ in 0..200 {
-                    if sock.exists() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                let uri = format!("nbd+unix:///disk?socket={}", sock.display());
+                let (mut daemon, uri) =
+                    bench::start_exporting(&sides[i].1, dir.path(), &nodes, "d")?;
                 for (w, work) in works.iter().enumerate() {
                     let mibs = measure(*work, &uri, &local, opts.size_mib)?;
                     eprintln!(
@@ -225,7 +171,7 @@ fn main() -> Result<()> {
             }
         }
         for (w, work) in works.iter().enumerate() {
-            let (b, q) = (median(got[w][0].clone()), median(got[w][1].clone()));
+            let (b, q) = (bench::median(&got[w][0]), bench::median(&got[w][1]));
             writeln!(
                 rows,
                 "| {fmt} | {} | {b:.0} MiB/s | {q:.0} MiB/s | {:.2} |",
@@ -236,11 +182,11 @@ fn main() -> Result<()> {
     }
     let memcpy = memcpy_limit();
     let socket = socket_limit()?;
-    let mut section = String::new();
-    writeln!(section, "{START_MARK}")?;
-    writeln!(section, "## NBD exports: blockd vs qemu-storage-daemon\n")?;
-    writeln!(section, "- date: {}", bench::today())?;
-    writeln!(section, "- machine: {}", bench::machine())?;
+    let mut section = bench::section_head(
+        START_MARK,
+        "NBD exports: blockd vs qemu-storage-daemon",
+        &load,
+    );
     writeln!(
         section,
         "- method: `target/release/nbd-bench --rounds {} --out BENCHMARKS.md`; a {} MiB image fully allocated with random data (raw, and qcow2 made by `qemu-img convert`), exported writable over a unix socket by each daemon in turn (`--nbd-server` and `--export`, defaults otherwise); rounds alternate which daemon goes first; medians",
@@ -254,11 +200,5 @@ fn main() -> Result<()> {
     writeln!(section, "|---|---|---:|---:|---:|")?;
     section.push_str(&rows);
     writeln!(section, "{END_MARK}")?;
-    print!("{section}");
-    std::io::stdout().flush()?;
-    if let Some(out) = &opts.out {
-        bench::write_section(out, START_MARK, END_MARK, &section)?;
-        eprintln!("wrote {}", out.display());
-    }
-    Ok(())
+    opts.publish(START_MARK, END_MARK, &section)
 }

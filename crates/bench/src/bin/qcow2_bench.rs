@@ -337,12 +337,6 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 fn write_out(path: &Path, section: &str) -> Result<()> {
     bench::write_section(path, START_MARK, END_MARK, section)
 }
@@ -354,7 +348,7 @@ fn main() -> Result<()> {
         // Next to the build, not in a tmpfs /tmp: the images must be on a real disk.
         None => tempfile::tempdir_in(".")?,
     };
-    let loads = vec![loadavg()];
+    let loads = vec![bench::loadavg()];
     let all = workloads();
     let chosen: Vec<Workload> = all
         .iter()
@@ -434,7 +428,7 @@ fn main() -> Result<()> {
         }
     }
     let mut loads = loads;
-    loads.push(loadavg());
+    loads.push(bench::loadavg());
 
     let mut table = String::from(
         "| workload (queue depth 32) | blockd | QEMU | blockd/QEMU |\n|---|---:|---:|---:|\n",
