@@ -525,12 +525,23 @@ impl BlockGraph {
             }
         };
         let min = opts.min_cluster_size.unwrap_or(0);
-        let refused = if let Some(bitmap) = &opts.bitmap {
-            // No node keeps named dirty bitmaps here.
-            Some(Error::FormatOption(format!(
-                "Dirty bitmap '{}' not found",
-                bitmap.name
-            )))
+        // Only what this bitmap marks dirty is copied before writes (and readable in a
+        // snapshot-access view); the rest of the snapshot is the source itself.
+        let mut only = None;
+        let refused = if let Some(b) = &opts.bitmap {
+            match self.get(&b.node) {
+                None => Some(Error::FormatOption(format!("Node '{}' not found", b.node))),
+                Some(node) => match node.bitmaps().get(&b.name) {
+                    None => Some(Error::FormatOption(format!(
+                        "Dirty bitmap '{}' not found",
+                        b.name
+                    ))),
+                    Some(bitmap) => {
+                        only = Some(bitmap.lock().bits.clone());
+                        None
+                    }
+                },
+            }
         } else if min != 0 && !min.is_power_of_two() {
             Some(Error::FormatOption(
                 "Cannot create block-copy-state: min-cluster-size needs to be a power of 2".into(),
@@ -556,6 +567,9 @@ impl BlockGraph {
             cluster,
             opts.on_cbw_error.unwrap_or_default(),
         );
+        if let Some(bits) = &only {
+            state.skip_clean(bits, true);
+        }
         let driver = CbwDriver::new(Arc::new(state));
         Ok(Opened {
             children: driver.children(),

@@ -41,11 +41,23 @@ impl Work {
     }
 }
 
-/// Throughput in MiB/s of one workload against the export at `uri`.
-fn measure(work: Work, uri: &str, local: &Path, mib: u64) -> Result<f64> {
+/// Reads `path` whole so that it sits in the page cache.
+fn warm(path: &Path) -> Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    while file.read(&mut buf)? > 0 {}
+    Ok(())
+}
+
+/// Throughput in MiB/s of one workload against the export at `uri` of `image`.
+fn measure(work: Work, uri: &str, image: &Path, local: &Path, mib: u64) -> Result<f64> {
     // Dirty pages left by the previous workload (of either daemon) are written back first,
-    // so each measurement starts from the same page-cache state.
+    // and the image and the local file are read into the page cache, so each measurement
+    // starts from the same page-cache state whichever daemon goes first.
     bench::run("sync", "coreutils", &[])?;
+    warm(image)?;
+    warm(local)?;
     match work {
         Work::SeqRead | Work::SeqWrite => {
             let local = local.to_str().context("path")?;
@@ -157,7 +169,7 @@ fn main() -> Result<()> {
                 let (mut daemon, uri) =
                     bench::start_exporting(&sides[i].1, dir.path(), &nodes, "d")?;
                 for (w, work) in works.iter().enumerate() {
-                    let mibs = measure(*work, &uri, &local, opts.size_mib)?;
+                    let mibs = measure(*work, &uri, image, &local, opts.size_mib)?;
                     eprintln!(
                         "round {}/{} {fmt:5} {:6} {:45} {mibs:8.1} MiB/s",
                         round + 1,
@@ -189,7 +201,7 @@ fn main() -> Result<()> {
     );
     writeln!(
         section,
-        "- method: `target/release/nbd-bench --rounds {} --out BENCHMARKS.md`; a {} MiB image fully allocated with random data (raw, and qcow2 made by `qemu-img convert`), exported writable over a unix socket by each daemon in turn (`--nbd-server` and `--export`, defaults otherwise); rounds alternate which daemon goes first; medians",
+        "- method: `target/release/nbd-bench --rounds {} --out BENCHMARKS.md`; a {} MiB image fully allocated with random data (raw, and qcow2 made by `qemu-img convert`), exported writable over a unix socket by each daemon in turn (`--nbd-server` and `--export`, defaults otherwise); rounds alternate which daemon goes first; before each workload `sync` and the image and the local file read into the page cache; medians",
         opts.rounds, opts.size_mib
     )?;
     writeln!(

@@ -205,6 +205,26 @@ impl CbwState {
         self.lock().set_todo(c, false);
     }
 
+    /// Leaves out of the copy every cluster in which `bits` (a dirty bitmap over the
+    /// source) has no dirty byte: an incremental backup. `hide` also takes those clusters
+    /// out of the snapshot view (a filter opened with `bitmap`: reading them fails).
+    pub fn skip_clean(&self, bits: &bitmap::DirtyBitmap, hide: bool) {
+        let cs = self.cluster;
+        let clusters = self.clusters();
+        let mut inner = self.lock();
+        let mut c = 0;
+        while c < clusters {
+            let dirty = bits.next_dirty(c * cs).map_or(clusters, |pos| pos / cs);
+            for clean in c..dirty.min(clusters) {
+                inner.set_todo(clean, false);
+                if hide {
+                    set_bit(&mut inner.access, clean, false);
+                }
+            }
+            c = dirty + 1;
+        }
+    }
+
     /// Whether cluster `c` still has to be copied.
     pub fn needs_copy(&self, c: u64) -> bool {
         self.lock().is_todo(c)

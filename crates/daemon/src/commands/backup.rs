@@ -407,20 +407,6 @@ fn sync_bitmap(
     Ok(Some(SyncBitmap { bitmap, mode }))
 }
 
-/// Leaves out of the copy every cluster the frozen sync bitmap has no dirty byte in.
-fn skip_clean(state: &CbwState, bits: &bitmap::DirtyBitmap) {
-    let cs = state.cluster_size();
-    let clusters = state.clusters();
-    let mut c = 0;
-    while c < clusters {
-        let dirty = bits.next_dirty(c * cs).map_or(clusters, |pos| pos / cs);
-        for clean in c..dirty.min(clusters) {
-            state.skip(clean);
-        }
-        c = dirty + 1;
-    }
-}
-
 fn not_found(name: &str) -> QmpError {
     QmpError::generic(format!(
         "Cannot find device='{name}' nor node-name='{name}'"
@@ -746,7 +732,7 @@ async fn start(
     if let Some(sb) = &job.sync_bitmap {
         let frozen = sb.bitmap.freeze();
         if sync == Sync::Bitmap {
-            skip_clean(&cbw, &frozen);
+            cbw.skip_clean(&frozen, false);
         }
     }
     let inserted = insert(state, a, &cbw).await;
