@@ -151,18 +151,37 @@ impl Image {
         let len = buf.len() as u64;
         self.check_range(offset, len)?;
         let mut holes: Vec<Range<u64>> = Vec::new();
+        // Data of consecutive clusters that lie one after another in the file is read in
+        // one request: (host offset, start in `buf`, length, the pins that keep it).
+        let mut run: Option<(u64, usize, usize, Vec<Pin>)> = None;
         let mut done = 0u64;
         while done < len {
             let pos = offset + done;
-            // `_pin` keeps the mapped host clusters from reuse until this piece is read.
-            let (m, n, _pin) = self.lookup_pinned(pos, len - done, true).await?;
-            let out = &mut buf[done as usize..(done + n) as usize];
+            // The pin keeps the mapped host clusters from reuse until this piece is read.
+            let (m, n, pin) = self.lookup_pinned(pos, len - done, true).await?;
+            let at = done as usize;
+            if let Mapping::Data(host) = m {
+                match &mut run {
+                    Some((h, _, l, pins)) if *h + *l as u64 == host => {
+                        *l += n as usize;
+                        pins.extend(pin);
+                    }
+                    _ => {
+                        if let Some((h, start, l, _pins)) = run.take() {
+                            self.read_run(h, &mut buf[start..start + l]).await?;
+                        }
+                        run = Some((host, at, n as usize, pin.into_iter().collect()));
+                    }
+                }
+                done += n;
+                continue;
+            }
+            if let Some((h, start, l, _pins)) = run.take() {
+                self.read_run(h, &mut buf[start..start + l]).await?;
+            }
+            let out = &mut buf[at..at + n as usize];
             match m {
-                Mapping::Data(host) => self
-                    .data()
-                    .read_at(host, out)
-                    .await
-                    .ctx("cannot read guest data")?,
+                Mapping::Data(_) => unreachable!("data is read in runs above"),
                 Mapping::Zero => out.fill(0),
                 Mapping::Unallocated => {
                     out.fill(0);
@@ -180,9 +199,21 @@ impl Image {
                     out.copy_from_slice(&cluster[start..start + out.len()]);
                 }
             }
+            drop(pin);
             done += n;
         }
+        if let Some((h, start, l, _pins)) = run.take() {
+            self.read_run(h, &mut buf[start..start + l]).await?;
+        }
         Ok(holes)
+    }
+
+    /// Reads guest data stored at host offset `host` (the caller holds its pins).
+    async fn read_run(&self, host: u64, out: &mut [u8]) -> Result<()> {
+        self.data()
+            .read_at(host, out)
+            .await
+            .ctx("cannot read guest data")
     }
 
     /// Decompress the cluster stored at host bytes `off..off + len`.
