@@ -5,35 +5,18 @@
 //! data written through blockd's export must land in the image.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::{json, Value};
+use testkit::tools::{path as p, tool};
 use testkit::{start_qsd, Daemon, Session};
 
 fn blockd() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blockd"))
 }
 
-fn tool(program: &str, package: &str, args: &[&str]) -> Output {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed (apt-get install {package}): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn qemu(args: &[&str]) -> Output {
-    tool(args[0], "qemu-utils", &args[1..])
-}
-
-fn p(dir: &Path, name: &str) -> String {
-    dir.join(name).to_string_lossy().into_owned()
+    tool(args[0], &args[1..])
 }
 
 /// Daemon arguments exporting `node` (the last of `blockdevs`) as `disk`.
@@ -77,13 +60,9 @@ fn views(dir: &Path) -> Vec<String> {
             "raw",
             &uri,
         ])),
-        out(tool("nbdinfo", "libnbd-bin", &["--json", &uri])),
-        out(tool("nbdinfo", "libnbd-bin", &["--map", &uri])),
-        out(tool(
-            "nbdinfo",
-            "libnbd-bin",
-            &["--map=qemu:allocation-depth", &uri],
-        )),
+        out(tool("nbdinfo", &["--json", &uri])),
+        out(tool("nbdinfo", &["--map", &uri])),
+        out(tool("nbdinfo", &["--map=qemu:allocation-depth", &uri])),
     ]
 }
 
@@ -199,9 +178,8 @@ fn writes_through_the_export_land_in_the_qcow2_image() {
         "write -P 0x62 9M 3M",
         &src,
     ]);
-    tool("nbdcopy", "libnbd-bin", &[&src, &uri]);
+    tool("nbdcopy", &[&src, &uri]);
     tool(
-        "fio",
         "fio",
         &[
             "--name=v",
@@ -285,7 +263,7 @@ fn inet_export_serves_nbd_urls() {
         "read -P 0x3e 1M 64k",
         &uri,
     ]);
-    let info = tool("nbdinfo", "libnbd-bin", &["--json", &uri]);
+    let info = tool("nbdinfo", &["--json", &uri]);
     let info: Value = serde_json::from_slice(&info.stdout).unwrap();
     assert_eq!(info["exports"][0]["can_multi_conn"], json!(false), "{info}");
     qemu(&["qemu-img", "compare", "-f", "raw", "-F", "raw", &img, &uri]);
@@ -344,11 +322,7 @@ fn dirty_bitmap_views(qsd: bool) -> Vec<String> {
     };
     let out = |o: Output| String::from_utf8_lossy(&o.stdout).replace(&sock, "SOCK");
     let views = vec![
-        out(tool(
-            "nbdinfo",
-            "libnbd-bin",
-            &["--map=qemu:dirty-bitmap:b0", &uri("bm")],
-        )),
+        out(tool("nbdinfo", &["--map=qemu:dirty-bitmap:b0", &uri("bm")])),
         out(qemu(&[
             "qemu-img",
             "map",
@@ -361,7 +335,6 @@ fn dirty_bitmap_views(qsd: bool) -> Vec<String> {
         ])),
         out(tool(
             "nbdinfo",
-            "libnbd-bin",
             &["--list", &format!("nbd+unix://?socket={sock}")],
         )),
         busy(&mut qmp),

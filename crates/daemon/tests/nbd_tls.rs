@@ -3,19 +3,13 @@
 //! client with the wrong key are refused.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
+use testkit::tools::{path as p, try_tool as run};
 use testkit::Daemon;
 
 fn blockd() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blockd"))
-}
-
-fn run(program: &str, package: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("{program} is needed (apt-get install {package}): {e}"))
 }
 
 fn ok(out: Output) -> Output {
@@ -28,19 +22,11 @@ fn ok(out: Output) -> Output {
     out
 }
 
-fn p(dir: &Path, name: &str) -> String {
-    dir.join(name).to_string_lossy().into_owned()
-}
-
 /// blockd serving `disk.img` as export `disk` with credentials object `tls0` made from
 /// `object` and, if given, authorization object `auth0` made from `authz`.
 fn serve(dir: &Path, object: &str, authz: Option<&str>) -> Daemon {
     let img = p(dir, "disk.img");
-    ok(run(
-        "qemu-img",
-        "qemu-utils",
-        &["create", "-q", "-f", "raw", &img, "4M"],
-    ));
+    ok(run("qemu-img", &["create", "-q", "-f", "raw", &img, "4M"]));
     let mut args = vec!["--object".to_string(), object.to_string()];
     let mut server = format!(
         "addr.type=unix,addr.path={},tls-creds=tls0",
@@ -97,7 +83,7 @@ fn qemu_io(dir: &Path, object: Option<&str>) -> Output {
     );
     args.push(opts);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run("qemu-io", "qemu-utils", &args)
+    run("qemu-io", &args)
 }
 
 fn write_psk(dir: &Path, sub: &str, key: &str) -> String {
@@ -128,7 +114,6 @@ fn psk_client_is_served_and_plain_or_wrong_key_clients_are_refused() {
     let sock = p(dir.path(), "nbd.sock");
     let info = ok(run(
         "qemu-img",
-        "qemu-utils",
         &[
             "info",
             "--object",
@@ -166,7 +151,6 @@ fn x509_dir(base: &Path, sub: &str, role: &str, cn: &str) -> String {
     if !Path::new(&ca).exists() {
         ok(run(
             "openssl",
-            "openssl",
             &[
                 "req",
                 "-x509",
@@ -193,7 +177,6 @@ fn x509_dir(base: &Path, sub: &str, role: &str, cn: &str) -> String {
     let csr = p(&d, "req.csr");
     let cert = p(&d, &format!("{role}-cert.pem"));
     ok(run(
-        "openssl",
         "openssl",
         &[
             "req",
@@ -222,7 +205,6 @@ fn x509_dir(base: &Path, sub: &str, role: &str, cn: &str) -> String {
     )
     .unwrap();
     ok(run(
-        "openssl",
         "openssl",
         &[
             "x509",
