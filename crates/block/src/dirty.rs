@@ -55,8 +55,6 @@ pub struct Successor {
 /// How a bitmap is refused for an operation (QEMU's `bdrv_dirty_bitmap_check`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
-    /// Busy (frozen or in use) bitmaps are refused.
-    Busy,
     /// Busy and readonly bitmaps are refused.
     BusyReadonly,
     /// Busy and inconsistent bitmaps are refused.
@@ -325,13 +323,6 @@ impl Bitmaps {
         true
     }
 
-    /// Puts `bitmap` back where it was (`index` from [`Self::remove`]).
-    pub fn restore(&self, index: usize, bitmap: Arc<NodeBitmap>) {
-        let mut list = self.lock();
-        let at = index.min(list.len());
-        list.insert(at, bitmap);
-    }
-
     /// Removes the bitmap called `name`; returns it and where it was.
     pub fn remove(&self, name: &str) -> Option<(usize, Arc<NodeBitmap>)> {
         let mut list = self.lock();
@@ -354,11 +345,6 @@ impl Bitmaps {
         for b in list.iter() {
             b.mark(offset, len);
         }
-    }
-
-    /// Whether there is no bitmap.
-    pub fn is_empty(&self) -> bool {
-        self.lock().is_empty()
     }
 
     /// Follows a resize of the node.
@@ -386,7 +372,7 @@ mod tests {
         b.mark(65536 * 3, 1);
         assert_eq!(b.lock().bits.count(), 65536);
         assert!(b.info().busy && b.info().recording);
-        assert!(b.check(Check::Busy).is_err());
+        assert!(b.check(Check::BusyReadonly).is_err());
         b.reclaim();
         assert_eq!(b.lock().bits.count(), 2 * 65536);
         assert!(!b.info().busy);
@@ -424,9 +410,8 @@ mod tests {
         assert!(!l.add(Arc::new(NodeBitmap::new("a".into(), 4096, g64k(), true))));
         let names: Vec<_> = l.all().iter().map(|b| b.name().to_string()).collect();
         assert_eq!(names, ["b", "a"]);
-        let (at, a) = l.remove("a").unwrap();
+        let (at, _) = l.remove("a").unwrap();
         assert_eq!(at, 1);
-        l.restore(at, a);
-        assert!(l.get("a").is_some());
+        assert!(l.get("a").is_none());
     }
 }

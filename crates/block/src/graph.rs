@@ -813,12 +813,7 @@ impl BlockGraph {
         // A parent that reads the node as its backing file writes nothing through it, so it
         // may keep reading the node directly: a filter only has to see writes. Any other
         // node parent would bypass the filter.
-        if let Some(ParentKey::Node(parent)) = parents
-            .iter()
-            .filter(|e| e.role != "backing")
-            .map(|e| e.key.clone())
-            .find(|k| matches!(k, ParentKey::Node(_)))
-        {
+        if let Some(parent) = writing_node_parent(&parents, None) {
             return Err(Error::FormatOption(format!(
                 "Cannot insert a filter above node '{below}': it is a child of node '{parent}'"
             )));
@@ -890,12 +885,7 @@ impl BlockGraph {
             .get(to)
             .ok_or_else(|| Error::NodeNotFound(to.to_string()))?;
         let parents = old.parents();
-        if let Some(ParentKey::Node(parent)) = parents
-            .iter()
-            .filter(|e| e.role != "backing")
-            .map(|e| e.key.clone())
-            .find(|k| matches!(k, ParentKey::Node(n) if n != to))
-        {
+        if let Some(parent) = writing_node_parent(&parents, Some(to)) {
             return Err(Error::FormatOption(format!(
                 "Cannot replace node '{from}': it is a child of node '{parent}'"
             )));
@@ -1054,6 +1044,16 @@ impl BlockGraph {
 }
 
 /// Sets the edges from `node` to its children from `node`'s current parents.
+/// A node parent (other than `except`) that could write through the node: one that does
+/// not merely read it as its backing file. Such a parent would bypass a filter or an
+/// overlay put in the node's place, since only users move.
+fn writing_node_parent<'a>(parents: &'a [ParentEdge], except: Option<&str>) -> Option<&'a str> {
+    parents.iter().find_map(|e| match &e.key {
+        ParentKey::Node(n) if e.role != "backing" && Some(n.as_str()) != except => Some(n.as_str()),
+        _ => None,
+    })
+}
+
 /// Makes `node` read-only, and the children it opened itself (which inherit its options),
 /// parents first so each recomputes what it takes from its children.
 fn reopen_subtree_read_only(node: &Arc<Node>) -> Result<()> {

@@ -544,6 +544,7 @@ impl Node {
     pub fn info(&self) -> NodeInfo {
         let filename = self.filename();
         let extra = self.driver.info();
+        let named = self.bitmaps.all();
         // QEMU walks the chain through filters too (blkdebug's `image`), but names only a
         // real backing file in `backing_file`.
         let real_backing = self.backing().is_some();
@@ -569,12 +570,10 @@ impl Node {
             write_threshold: self.write_threshold(),
             // Named bitmaps are newer than the driver's own (a filter's), so they come first.
             // A frozen bitmap's successor is the newest of all.
-            dirty_bitmaps: self
-                .bitmaps
-                .all()
+            dirty_bitmaps: named
                 .iter()
                 .filter_map(|b| b.successor_info())
-                .chain(self.bitmaps.all().iter().map(|b| b.info()))
+                .chain(named.iter().map(|b| b.info()))
                 .chain(
                     extra
                         .dirty_bitmaps

@@ -534,10 +534,15 @@ pub async fn prepare_drive_backup(
 /// Starts a job `prepare_*` created. QEMU starts it inside the drained section of the graph
 /// change, so it pauses at once and runs again when the section ends.
 pub fn begin(state: &mut State, id: &str) -> Result<(), QmpError> {
+    start_paused(state, id)?;
+    state.jobs.resume_internal(id).map_err(job_error)
+}
+
+/// Starts a created job inside a drained section: it pauses at once; the caller resumes it
+/// when the section ends.
+pub fn start_paused(state: &mut State, id: &str) -> Result<(), QmpError> {
     state.jobs.pause_internal(id).map_err(job_error)?;
-    state.jobs.start(id).map_err(job_error)?;
-    state.jobs.resume_internal(id).map_err(job_error)?;
-    Ok(())
+    state.jobs.start(id).map_err(job_error)
 }
 
 /// `qcow2` if the file starts with the qcow2 magic, else `raw` (a missing file is reported

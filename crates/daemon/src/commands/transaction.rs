@@ -54,10 +54,7 @@ impl Prepared {
             Prepared::Snapshot(p) => p.commit(state),
             Prepared::Internal(_) => {}
             Prepared::Backup(id) => {
-                // Started inside the drained section: it pauses at once and runs when the
-                // section ends.
-                state.jobs.pause_internal(&id).map_err(super::job_error)?;
-                state.jobs.start(&id).map_err(super::job_error)?;
+                backup::start_paused(state, &id)?;
                 return Ok(Some(id));
             }
         }
