@@ -47,6 +47,14 @@ pub enum Error {
     NodeHasParents(String),
     #[error("Node '{node}' is busy: node is used as backing hd of '{parent}'")]
     BackingInUse { node: String, parent: String },
+    #[error("The overlay does not support backing images")]
+    BackingNotSupported,
+    #[error("Making '{child}' a {role} child of '{parent}' would create a cycle")]
+    Cycle {
+        child: String,
+        role: &'static str,
+        parent: String,
+    },
     #[error("Node '{0}' is busy: node is drained")]
     Busy(String),
     #[error("Could not open '{path}': {}", Errno(.source))]

@@ -24,6 +24,9 @@ use crate::options::{
 use crate::perm::{ChildRole, Perm};
 
 mod format;
+mod overlay;
+
+pub use overlay::Appended;
 
 /// Longest node-name QEMU accepts.
 const NODE_NAME_MAX: usize = 31;
@@ -168,7 +171,7 @@ fn plan_edge(
     }
     plan.push((node.clone(), key, new));
     for child in node.children() {
-        let (cp, cs) = node.role_of(child).child_perms(perm, shared);
+        let (cp, cs) = node.role_of(&child).child_perms(perm, shared);
         let ckey = ParentKey::Node(node.name().to_string());
         let current = child.node.parents().into_iter().find(|e| e.key == ckey);
         if current.as_ref().map(|e| (e.perm, e.shared)) != Some((cp, cs)) {
@@ -676,11 +679,7 @@ impl BlockGraph {
         if parents.iter().any(|e| matches!(e.key, ParentKey::User(_))) {
             return Err(Error::NodeHasUsers(name.to_string()));
         }
-        if let Some(ParentKey::Node(parent)) = parents
-            .iter()
-            .find(|e| e.role == "backing")
-            .map(|e| e.key.clone())
-        {
+        if let Some(parent) = node.backing_parent() {
             return Err(Error::BackingInUse {
                 node: name.to_string(),
                 parent,
@@ -1072,7 +1071,7 @@ fn recompute_children(node: &Arc<Node>) -> Result<()> {
     let (perm, shared) = cumulative(&parents);
     for child in node.children() {
         let key = ParentKey::Node(node.name().to_string());
-        let role = node.role_of(child);
+        let role = node.role_of(&child);
         let (cp, cs) = role.child_perms_of(perm, shared, !parents.is_empty());
         let edge = ParentEdge {
             key: key.clone(),

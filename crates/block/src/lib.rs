@@ -38,7 +38,9 @@ pub use driver::{
     BlockDriver, DriverInfo, Extent, FormatSpecific, Qcow2Info, WriteFlags, ZeroFlags,
 };
 pub use error::{Error, ErrorKind, Result};
-pub use graph::{Backend, BlockGraph, DumpEdge, DumpNode, DumpNodeType, GraphDump, UserHandle};
+pub use graph::{
+    Appended, Backend, BlockGraph, DumpEdge, DumpNode, DumpNodeType, GraphDump, UserHandle,
+};
 pub use node::{CacheInfo, ImageInfo, Node, NodeFlags, NodeHold, NodeInfo};
 pub use options::{
     BlkdebugOptions, BlockPermission, BlockdevOptions, BlockdevRef, CommonOptions, CreateOptions,

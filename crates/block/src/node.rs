@@ -6,7 +6,7 @@
 //! never see them.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::debug::DebugEvent;
 use crate::dirty::Bitmaps;
@@ -68,7 +68,9 @@ pub struct Node {
     implicit: bool,
     driver: Box<dyn BlockDriver>,
     flags: NodeFlags,
-    children: Vec<Child>,
+    /// Fixed at open, except the `backing` child: an overlay gets one (or loses it again)
+    /// under a drain through [`crate::BlockGraph::attach_backing`].
+    children: RwLock<Vec<Child>>,
     parents: Mutex<Vec<ParentEdge>>,
     gate: Gate,
     write_threshold: AtomicU64,
@@ -171,7 +173,7 @@ impl Node {
             implicit,
             driver,
             flags,
-            children,
+            children: RwLock::new(children),
             parents: Mutex::new(Vec::new()),
             gate: Gate::new(),
             write_threshold: AtomicU64::new(0),
@@ -272,9 +274,54 @@ impl Node {
         self.reopened_ro.store(read_only, Ordering::SeqCst);
     }
 
-    /// The child edges.
-    pub fn children(&self) -> &[Child] {
-        &self.children
+    /// The child edges as they are now.
+    pub fn children(&self) -> Vec<Child> {
+        self.read_children().clone()
+    }
+
+    fn read_children(&self) -> RwLockReadGuard<'_, Vec<Child>> {
+        match self.children.read() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    fn write_children(&self) -> RwLockWriteGuard<'_, Vec<Child>> {
+        match self.children.write() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Replaces the `backing` child edge (with `None`, removes it). A backing child comes
+    /// first, as it does for a node opened with one. Only the edge list changes: the graph
+    /// keeps the driver and the parent edge at the child in step.
+    pub(crate) fn set_backing_child(&self, backing: Option<Arc<Node>>) {
+        let mut children = self.write_children();
+        children.retain(|c| c.name != "backing");
+        if let Some(node) = backing {
+            children.insert(
+                0,
+                Child {
+                    name: "backing".into(),
+                    node,
+                    role: ChildRole::Cow,
+                },
+            );
+        }
+    }
+
+    /// Whether `other` is this node or lies anywhere below it.
+    pub fn reaches(&self, other: &Node) -> bool {
+        std::ptr::eq(self, other) || self.children().iter().any(|c| c.node.reaches(other))
+    }
+
+    /// The node that reads this one as its backing file, if one does.
+    pub fn backing_parent(&self) -> Option<String> {
+        self.lock_parents().iter().find_map(|e| match &e.key {
+            ParentKey::Node(parent) if e.role == "backing" => Some(parent.clone()),
+            _ => None,
+        })
     }
 
     /// A snapshot of the parent edges.
@@ -325,11 +372,11 @@ impl Node {
     }
 
     /// The child a flush raises its events on (QEMU's primary child).
-    fn primary_child(&self) -> Option<&Arc<Node>> {
-        self.children
+    fn primary_child(&self) -> Option<Arc<Node>> {
+        self.read_children()
             .iter()
             .find(|c| matches!(c.name.as_str(), "file" | "image"))
-            .map(|c| &c.node)
+            .map(|c| c.node.clone())
     }
 
     fn wrote(&self) {
@@ -459,7 +506,7 @@ impl Node {
         }
         let generation = self.write_gen.load(Ordering::SeqCst);
         let primary = self.primary_child();
-        if let Some(child) = primary {
+        if let Some(child) = &primary {
             child.debug_event(DebugEvent::FlushToOs);
         }
         if self.flags.no_flush {
@@ -507,17 +554,17 @@ impl Node {
     }
 
     /// The `backing` child, if the node has one.
-    pub fn backing(&self) -> Option<&Arc<Node>> {
-        self.children
+    pub fn backing(&self) -> Option<Arc<Node>> {
+        self.read_children()
             .iter()
             .find(|c| c.name == "backing")
-            .map(|c| &c.node)
+            .map(|c| c.node.clone())
     }
 
     /// The child a filter driver passes requests to (blkdebug's `image`, copy-before-write's
     /// `file`).
-    pub fn filtered(&self) -> Option<&Arc<Node>> {
-        self.children
+    pub fn filtered(&self) -> Option<Arc<Node>> {
+        self.read_children()
             .iter()
             .find(|c| {
                 matches!(
@@ -525,7 +572,7 @@ impl Node {
                     ChildRole::Debug { .. } | ChildRole::CbwSource { .. }
                 )
             })
-            .map(|c| &c.node)
+            .map(|c| c.node.clone())
     }
 
     /// Reads `buf.len()` bytes at `offset` for a parent driver: bytes past the node's

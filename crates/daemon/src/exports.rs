@@ -205,7 +205,7 @@ impl nbd::Backend for NodeBackend {
         loop {
             let ext = node.block_status(offset, len).await.map_err(to_io)?;
             len = ext.len;
-            let below = node.backing().cloned();
+            let below = node.backing();
             match below {
                 Some(b) if !ext.allocated && offset < b.size() => {
                     len = len.min(b.size() - offset);

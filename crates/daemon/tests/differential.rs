@@ -62,6 +62,7 @@ scenarios!(
     qcow2_blockdev,
     qcow2_create,
     quit,
+    snapshot_blockdev,
     snapshot_external,
     snapshot_internal,
     transaction,

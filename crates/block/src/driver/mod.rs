@@ -177,6 +177,15 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     fn snapshot(&self) -> Option<std::sync::Arc<cbw::CbwState>> {
         None
     }
+    /// Whether the format can have a backing file, so one can be attached after open.
+    fn supports_backing(&self) -> bool {
+        false
+    }
+    /// Reads unallocated ranges from `backing` from now on (with `None`, from nothing):
+    /// the graph calls this with the node drained and the child edge in place.
+    fn replace_backing(&self, _backing: Option<std::sync::Arc<crate::Node>>) -> Result<()> {
+        Err(Error::BackingNotSupported)
+    }
     /// Whether the driver implements `x-blockdev-amend`.
     fn can_amend(&self) -> bool {
         false

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use serde_json::{Map, Value};
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use super::{BlockDriver, DriverInfo, Extent, FormatSpecific, Qcow2Info, WriteFlags, ZeroFlags};
 use crate::debug::DebugEvent;
@@ -114,10 +114,10 @@ impl qcow2::Storage for NodeStorage {
 }
 
 /// The backing child as the library's copy-on-write source.
-struct BackingReader<'a>(&'a Node);
+struct BackingReader(Arc<Node>);
 
 #[async_trait]
-impl qcow2::Backing for BackingReader<'_> {
+impl qcow2::Backing for BackingReader {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.0.read_padded(offset, buf).await.map_err(io_error)
     }
@@ -173,6 +173,16 @@ pub fn resolve_relative(image: Option<&str>, name: &str) -> Option<String> {
     }
 }
 
+/// Whether a backing child given by the user (`backing` in the options, or attached later)
+/// differs from the file the header names as `named`: with none, whether the header names
+/// one at all.
+pub(crate) fn backing_overridden(named: Option<&str>, backing: Option<&Node>) -> bool {
+    match backing {
+        Some(node) => named != Some(node.filename().as_str()),
+        None => named.is_some(),
+    }
+}
+
 /// Checks the cache options as QEMU does and works out the L2 cache size in bytes.
 fn l2_cache_bytes(opts: &Qcow2Options) -> Result<u64> {
     let bad = |m: &str| Err(Error::FormatOption(m.to_string()));
@@ -202,14 +212,22 @@ fn l2_cache_bytes(opts: &Qcow2Options) -> Result<u64> {
     Ok(chosen.min(qcow2::DEFAULT_L2_CACHE_BYTES))
 }
 
+/// The backing child as the driver sees it.
+#[derive(Clone, Default)]
+struct Backing {
+    node: Option<Arc<Node>>,
+    /// The backing child differs from what the header names (or was suppressed):
+    /// the filename then shows it in `json:{...}`.
+    overridden: bool,
+}
+
 /// The `qcow2` driver.
 pub struct Qcow2Driver {
     image: qcow2::Image,
     file: Arc<Node>,
-    backing: Option<Arc<Node>>,
-    /// The backing child differs from what the header names (or was suppressed):
-    /// the filename then shows it in `json:{...}`.
-    backing_overridden: bool,
+    /// Set at open; an overlay added without one gets it later (`blockdev-snapshot`).
+    /// Requests take a clone of the node once, so a swap under a drain is safe.
+    backing: RwLock<Backing>,
     header: Mutex<qcow2::Header>,
     /// The bitmap directory as last read (for `format-specific`).
     bitmap_dir: Mutex<Vec<qcow2::BitmapInfo>>,
@@ -223,7 +241,7 @@ impl std::fmt::Debug for Qcow2Driver {
             .field("file", &self.file.name())
             .field(
                 "backing",
-                &self.backing.as_ref().map(|b| b.name().to_string()),
+                &self.backing_node().map(|b| b.name().to_string()),
             )
             .finish()
     }
@@ -278,8 +296,7 @@ impl Qcow2Driver {
         Ok(Self {
             image,
             file,
-            backing: None,
-            backing_overridden: false,
+            backing: RwLock::new(Backing::default()),
             header: Mutex::new(header),
             bitmap_dir: Mutex::new(bitmap_dir),
             snapshot_list: Mutex::new(snapshot_list),
@@ -289,8 +306,27 @@ impl Qcow2Driver {
     /// Attaches the backing node (before the driver is shared); `overridden` when it is
     /// not the one the header names (or `None` although the header names one).
     pub fn set_backing(&mut self, backing: Option<Arc<Node>>, overridden: bool) {
-        self.backing = backing;
-        self.backing_overridden = overridden;
+        let slot = self.backing.get_mut().unwrap_or_else(|e| e.into_inner());
+        *slot = Backing {
+            node: backing,
+            overridden,
+        };
+    }
+
+    fn backing_state(&self) -> Backing {
+        self.backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The backing node now (one lock and one reference count per request).
+    fn backing_node(&self) -> Option<Arc<Node>> {
+        self.backing
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .node
+            .clone()
     }
 
     /// The header as of the last open, flush or close.
@@ -313,8 +349,8 @@ impl Qcow2Driver {
         *self.snapshot_list.lock().unwrap_or_else(|e| e.into_inner()) = list;
     }
 
-    fn backing_reader(&self) -> Option<BackingReader<'_>> {
-        self.backing.as_deref().map(BackingReader)
+    fn backing_reader(&self) -> Option<BackingReader> {
+        self.backing_node().map(BackingReader)
     }
 }
 
@@ -333,12 +369,13 @@ impl BlockDriver for Qcow2Driver {
         // per cluster run, just before the data I/O).
         self.file.debug_event(DebugEvent::ReadAio);
         let holes = self.image.read(offset, buf).await.map_err(format_error)?;
-        let Some(backing) = &self.backing else {
+        if holes.is_empty() {
+            return Ok(());
+        }
+        let Some(backing) = self.backing_node() else {
             return Ok(());
         };
-        if !holes.is_empty() {
-            self.file.debug_event(DebugEvent::ReadBackingAio);
-        }
+        self.file.debug_event(DebugEvent::ReadBackingAio);
         for hole in holes {
             let (Ok(start), Ok(end)) = (
                 usize::try_from(hole.start.saturating_sub(offset)),
@@ -399,7 +436,7 @@ impl BlockDriver for Qcow2Driver {
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
         self.image
-            .discard(offset, len, self.backing.is_some())
+            .discard(offset, len, self.backing_node().is_some())
             .await
             .map_err(format_error)
     }
@@ -419,7 +456,7 @@ impl BlockDriver for Qcow2Driver {
         let (data, zero, allocated) = match status.kind {
             qcow2::BlockKind::Data { .. } | qcow2::BlockKind::Compressed => (true, false, true),
             qcow2::BlockKind::Zero => (false, true, true),
-            qcow2::BlockKind::Unallocated => (false, self.backing.is_none(), false),
+            qcow2::BlockKind::Unallocated => (false, self.backing_node().is_none(), false),
         };
         Ok(Extent {
             data,
@@ -440,15 +477,16 @@ impl BlockDriver for Qcow2Driver {
         let mut options = Map::new();
         options.insert("driver".into(), Value::from("qcow2"));
         options.insert("file".into(), Value::Object(child.options));
-        if self.backing_overridden {
-            let backing = match &self.backing {
+        let backing = self.backing_state();
+        if backing.overridden {
+            let node = match &backing.node {
                 Some(node) => Value::Object(node.driver().filename().options),
                 None => Value::Null,
             };
-            options.insert("backing".into(), backing);
+            options.insert("backing".into(), node);
         }
         Filename {
-            exact: if self.backing_overridden {
+            exact: if backing.overridden {
                 None
             } else {
                 child.exact
@@ -522,6 +560,23 @@ impl BlockDriver for Qcow2Driver {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone(),
         }
+    }
+
+    fn supports_backing(&self) -> bool {
+        true
+    }
+
+    /// As at open with `backing` given: overridden unless the node is the file the header
+    /// names (with none, unless the header names none).
+    fn replace_backing(&self, backing: Option<Arc<Node>>) -> Result<()> {
+        let overridden =
+            backing_overridden(self.header().backing_file.as_deref(), backing.as_deref());
+        let mut slot = self.backing.write().unwrap_or_else(|e| e.into_inner());
+        *slot = Backing {
+            node: backing,
+            overridden,
+        };
+        Ok(())
     }
 
     fn can_amend(&self) -> bool {

@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use super::{precheck_child, BlockGraph, Opened};
-use crate::driver::qcow2::{read_header, resolve_relative, Qcow2Driver};
+use crate::driver::qcow2::{backing_overridden, read_header, resolve_relative, Qcow2Driver};
 use crate::error::{Error, Result};
 use crate::node::{Child, Node, NodeFlags};
 use crate::options::{
@@ -190,13 +190,16 @@ impl BlockGraph {
         image_name: Option<&str>,
     ) -> Result<(Option<Arc<Node>>, bool)> {
         match &opts.backing {
-            Some(None) => Ok((None, header.backing_file.is_some())),
+            Some(None) => Ok((
+                None,
+                backing_overridden(header.backing_file.as_deref(), None),
+            )),
             Some(Some(reference)) => {
                 let node = self
                     .open_child(reference, true)
                     .await
                     .map_err(backing_error)?;
-                let overridden = header.backing_file.as_deref() != Some(node.filename().as_str());
+                let overridden = backing_overridden(header.backing_file.as_deref(), Some(&node));
                 Ok((Some(node), overridden))
             }
             None => {

@@ -80,6 +80,7 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("x-debug-block-dirty-bitmap-sha256", bitmap::sha256),
     ("transaction", transaction::transaction),
     ("blockdev-snapshot-sync", snapshot::blockdev_snapshot_sync),
+    ("blockdev-snapshot", snapshot::blockdev_snapshot),
     (
         "blockdev-snapshot-internal-sync",
         snapshot::blockdev_snapshot_internal_sync,

@@ -280,7 +280,7 @@ fn chain_bitmap(state: &State, top: &str, name: &str) -> Option<(Arc<Node>, Arc<
         if let Some(bitmap) = n.bitmaps().get(name) {
             return Some((n, bitmap));
         }
-        node = n.backing().or_else(|| n.filtered()).cloned();
+        node = n.backing().or_else(|| n.filtered());
     }
     None
 }

@@ -1,6 +1,8 @@
 //! External snapshots: `blockdev-snapshot-sync` creates (or, with `mode: existing`, opens)
-//! an overlay whose backing file is the node, and puts it in the node's place for every
-//! user (exports, jobs); the old node becomes read-only. Also a transaction action.
+//! an overlay, `blockdev-snapshot` takes one the monitor added without a backing file;
+//! either way the node becomes the overlay's backing file and the overlay takes its place
+//! for every user (exports, jobs); the old node becomes read-only. Both are also
+//! transaction actions, run as one-action transactions on their own.
 
 use std::sync::Arc;
 
@@ -25,41 +27,70 @@ struct SnapshotSyncArgs {
 /// A prepared external snapshot: the overlay is in place; commit makes the old node
 /// read-only, abort takes the overlay out again.
 pub struct Prepared {
-    base: Arc<block::Node>,
-    overlay: String,
+    appended: block::Appended,
+    /// The overlay was opened for the snapshot (`blockdev-snapshot-sync`) and belongs to
+    /// its users, as in QEMU: with none it goes away at once (the caller reaps), and it
+    /// goes with the last of them. A `blockdev-add`ed overlay belongs to the monitor.
+    opened: bool,
 }
 
 impl Prepared {
-    /// The old node becomes read-only. The overlay belongs to its users, as in QEMU: with
-    /// none it goes away at once (the caller reaps), and it goes with the last of them.
+    /// The old node becomes read-only.
     pub fn commit(self, state: &mut State) {
         // The node is there and was writable: the file edge only loses permissions.
-        let _ = state.graph.reopen_read_only(self.base.name());
-        state.graph.release_later(&self.overlay);
+        let _ = state.graph.reopen_read_only(self.appended.base().name());
+        if self.opened {
+            state.graph.release_later(self.appended.overlay().name());
+        }
     }
 
+    /// The users go back to the old node and the overlay loses its backing file.
     pub async fn abort(self, state: &mut State) {
-        let base = self.base.name().to_string();
-        // Both were in this very arrangement a moment ago, so the moves fit.
-        let _ = state.graph.replace_for_users(&self.overlay, &base).await;
-        state.graph.release_later(&self.overlay);
+        let overlay = self.appended.overlay().name().to_string();
+        state.graph.undo_overlay(self.appended).await;
+        if self.opened {
+            state.graph.release_later(&overlay);
+        }
     }
+}
+
+/// The node `device` (a block device) or `node_name` names, as QEMU looks both up.
+fn find(
+    state: &State,
+    device: Option<&str>,
+    node_name: Option<&str>,
+) -> Result<Arc<block::Node>, QmpError> {
+    device
+        .or(node_name)
+        .and_then(|n| state.graph.get(n))
+        .ok_or_else(|| {
+            block_error(block::Error::DeviceNotFound {
+                device: device.unwrap_or("").to_string(),
+                node: node_name.unwrap_or("").to_string(),
+            })
+        })
+}
+
+/// The node an external snapshot goes above: any node but another node's backing file
+/// (QEMU blocks snapshots of those).
+fn snapshot_base(
+    state: &State,
+    device: Option<&str>,
+    node_name: Option<&str>,
+) -> Result<Arc<block::Node>, QmpError> {
+    let base = find(state, device, node_name)?;
+    if let Some(parent) = base.backing_parent() {
+        return Err(block_error(block::Error::BackingInUse {
+            node: base.name().to_string(),
+            parent,
+        }));
+    }
+    Ok(base)
 }
 
 pub async fn prepare_snapshot_sync(state: &mut State, a: Value) -> Result<Prepared, QmpError> {
     let a: SnapshotSyncArgs = args(a)?;
-    let base = a
-        .device
-        .as_deref()
-        .or(a.node_name.as_deref())
-        .and_then(|n| state.graph.get(n))
-        .ok_or_else(|| {
-            QmpError::generic(format!(
-                "Cannot find device='{}' nor node-name='{}'",
-                a.device.as_deref().unwrap_or(""),
-                a.node_name.as_deref().unwrap_or("")
-            ))
-        })?;
+    let base = snapshot_base(state, a.device.as_deref(), a.node_name.as_deref())?;
     let Some(name) = a.snapshot_node_name.clone() else {
         return Err(QmpError::generic("New overlay node-name missing"));
     };
@@ -84,7 +115,7 @@ pub async fn prepare_snapshot_sync(state: &mut State, a: Value) -> Result<Prepar
     let mut opts = json!({"driver": format, "node-name": name,
                           "file": {"driver": "file", "filename": a.snapshot_file}});
     if format == "qcow2" {
-        opts["backing"] = json!(base.name());
+        opts["backing"] = Value::Null;
     }
     let opts: block::BlockdevOptions = args(opts)?;
     if let Err(e) = state.graph.add_implicit(opts).await {
@@ -92,23 +123,66 @@ pub async fn prepare_snapshot_sync(state: &mut State, a: Value) -> Result<Prepar
         state.graph.consume_anonymous_name();
         return Err(block_error(e));
     }
-    if let Err(e) = state.graph.replace_for_users(base.name(), &name).await {
-        state.graph.release_later(&name);
-        state.graph.reap().await;
-        return Err(block_error(e));
+    match state.graph.append_overlay(base.name(), &name).await {
+        Ok(appended) => Ok(Prepared {
+            appended,
+            opened: true,
+        }),
+        Err(e) => {
+            state.graph.release_later(&name);
+            state.graph.reap().await;
+            Err(block_error(e))
+        }
     }
+}
+
+#[derive(Deserialize)]
+struct SnapshotArgs {
+    node: String,
+    overlay: String,
+}
+
+/// `blockdev-snapshot`: the overlay is a node the monitor added, with no backing file (or
+/// with `backing: null`), which nothing reads yet.
+pub async fn prepare_snapshot(state: &mut State, a: Value) -> Result<Prepared, QmpError> {
+    let a: SnapshotArgs = args(a)?;
+    let base = snapshot_base(state, Some(&a.node), Some(&a.node))?;
+    let overlay = find(state, Some(&a.overlay), Some(&a.overlay))?;
+    // A parent that does not read yet (a mirror target's job, say) may stay.
+    let (perm, _) = overlay.cumulative_perms();
+    if perm.contains(block::Perm::CONSISTENT_READ) {
+        return Err(QmpError::generic("The overlay is already in use"));
+    }
+    if overlay.filtered().is_some() {
+        return Err(QmpError::generic("Filters cannot be used as overlays"));
+    }
+    if overlay.backing().is_some() {
+        return Err(QmpError::generic("The overlay already has a backing image"));
+    }
+    if !overlay.driver().supports_backing() {
+        return Err(block_error(block::Error::BackingNotSupported));
+    }
+    let appended = state
+        .graph
+        .append_overlay(base.name(), overlay.name())
+        .await
+        .map_err(block_error)?;
     Ok(Prepared {
-        base,
-        overlay: name,
+        appended,
+        opened: false,
     })
 }
 
 pub fn blockdev_snapshot_sync(state: &mut State, a: Value) -> Reply<'_> {
-    Box::pin(async move {
-        prepare_snapshot_sync(state, a).await?.commit(state);
-        state.graph.reap().await;
-        Ok(empty())
-    })
+    Box::pin(super::transaction::single(
+        state,
+        "blockdev-snapshot-sync",
+        a,
+    ))
+}
+
+pub fn blockdev_snapshot(state: &mut State, a: Value) -> Reply<'_> {
+    Box::pin(super::transaction::single(state, "blockdev-snapshot", a))
 }
 
 /// `SnapshotInfo` as QEMU prints it.

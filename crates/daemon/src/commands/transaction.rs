@@ -99,6 +99,7 @@ async fn prepare(
         "blockdev-snapshot-sync" => {
             Prepared::Snapshot(snapshot::prepare_snapshot_sync(state, data).await?)
         }
+        "blockdev-snapshot" => Prepared::Snapshot(snapshot::prepare_snapshot(state, data).await?),
         other => {
             return Err(QmpError::generic(format!(
                 "internal error: transaction action '{other}' has no handler"
@@ -110,6 +111,26 @@ async fn prepare(
 pub fn transaction(state: &mut State, a: Value) -> Reply<'_> {
     Box::pin(async move {
         let a: TransactionArgs = args(a)?;
+        run(state, a).await
+    })
+}
+
+/// A command that QEMU runs as a transaction of one action of its own kind (`kind`, with
+/// the command's arguments as the action's data).
+pub async fn single(state: &mut State, kind: &str, data: Value) -> Result<Value, QmpError> {
+    let action = Action {
+        kind: kind.to_string(),
+        data,
+    };
+    let a = TransactionArgs {
+        actions: vec![action],
+        properties: None,
+    };
+    run(state, a).await
+}
+
+async fn run(state: &mut State, a: TransactionArgs) -> Result<Value, QmpError> {
+    {
         let grouped = a
             .properties
             .and_then(|p| p.completion_mode)
@@ -167,5 +188,5 @@ pub fn transaction(state: &mut State, a: Value) -> Reply<'_> {
         // Overlays nobody uses go now, as in QEMU.
         state.graph.reap().await;
         result.map(|()| empty())
-    })
+    }
 }
