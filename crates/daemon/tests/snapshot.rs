@@ -1,7 +1,8 @@
 //! Black-box external snapshots through the `blockd` binary: an overlay put in place while a
 //! client writes through an NBD export, the chain as `qemu-img info --backing-chain` sees
-//! it, each write in the base or the overlay according to when it was acknowledged, and
-//! `mode: existing` with an overlay made by qemu-img.
+//! it, each write in the base or the overlay according to when it was acknowledged (for
+//! `blockdev-snapshot-sync` and for `blockdev-snapshot` with an overlay added by
+//! `blockdev-add`), and `mode: existing` with an overlay made by qemu-img.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -61,14 +62,16 @@ fn holds(image: &str, fmt: &str, i: usize, byte: u8) -> bool {
         && !String::from_utf8_lossy(&out.stdout).contains("Pattern verification failed")
 }
 
-#[test]
-fn an_overlay_goes_in_while_a_client_writes() {
+/// Writes 40 blocks through the export, one request at a time, while `take` puts node
+/// `top` (whose image it returns) above `base` once a quarter of them are acknowledged;
+/// the last quarter waits for it. Then checks that the export moved and the old node is
+/// read-only, and, after blockd quit, both images, the chain qemu-img sees, and that each
+/// write is in the chain, and in the base exactly when it was acknowledged before the
+/// snapshot was asked for (so the base holds what the disk held at that moment).
+fn snapshot_while_a_client_writes(take: impl FnOnce(&Path, &mut Qmp) -> String) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (mut daemon, mut qmp, uri) = start(d);
-    // The writer writes block i with pattern i, one request at a time, and notes when each
-    // was sent and acknowledged.
-    // The last quarter waits for the snapshot, so some writes surely come after it.
     let done = Arc::new(AtomicUsize::new(0));
     let snapshotted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let times = Arc::new(Mutex::new(Vec::new()));
@@ -93,13 +96,8 @@ fn an_overlay_goes_in_while_a_client_writes() {
         assert!(Instant::now() < deadline, "the writer makes no progress");
         std::thread::sleep(Duration::from_millis(5));
     }
-    let overlay = path(d, "overlay.qcow2");
     let asked = Instant::now();
-    qmp.execute(
-        "blockdev-snapshot-sync",
-        json!({"node-name": "base", "snapshot-file": overlay, "snapshot-node-name": "top"}),
-    )
-    .expect("blockdev-snapshot-sync");
+    let overlay = take(d, &mut qmp);
     let answered = Instant::now();
     snapshotted.store(true, Ordering::SeqCst);
     writer.join().expect("the writer finishes");
@@ -165,18 +163,59 @@ fn an_overlay_goes_in_while_a_client_writes() {
 }
 
 #[test]
+fn an_overlay_goes_in_while_a_client_writes() {
+    snapshot_while_a_client_writes(|d, qmp| {
+        let overlay = path(d, "overlay.qcow2");
+        qmp.execute(
+            "blockdev-snapshot-sync",
+            json!({"node-name": "base", "snapshot-file": overlay, "snapshot-node-name": "top"}),
+        )
+        .expect("blockdev-snapshot-sync");
+        overlay
+    });
+}
+
+/// `blockdev-snapshot`: the overlay is made by qemu-img naming the base as its backing
+/// file and added with `backing: null` while the client writes.
+#[test]
+fn an_added_overlay_goes_in_while_a_client_writes() {
+    snapshot_while_a_client_writes(|d, qmp| {
+        let overlay = path(d, "added.qcow2");
+        made_by_qemu_img(d, &overlay);
+        qmp.execute(
+            "blockdev-add",
+            json!({"driver": "qcow2", "node-name": "top", "backing": null,
+                   "file": {"driver": "file", "filename": overlay}}),
+        )
+        .expect("blockdev-add");
+        qmp.execute(
+            "blockdev-snapshot",
+            json!({"node": "base", "overlay": "top"}),
+        )
+        .expect("blockdev-snapshot");
+        overlay
+    });
+}
+
+/// An empty 8M qcow2 image `overlay` whose header names `base.qcow2` in `d`.
+fn made_by_qemu_img(d: &Path, overlay: &str) {
+    let base = path(d, "base.qcow2");
+    tool(
+        "qemu-img",
+        &[
+            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", overlay, "8M",
+        ],
+    );
+}
+
+#[test]
 fn mode_existing_uses_an_overlay_made_by_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (mut daemon, mut qmp, uri) = start(d);
     let base = path(d, "base.qcow2");
     let overlay = path(d, "made.qcow2");
-    tool(
-        "qemu-img",
-        &[
-            "create", "-q", "-f", "qcow2", "-b", &base, "-F", "qcow2", &overlay, "8M",
-        ],
-    );
+    made_by_qemu_img(d, &overlay);
     qmp.execute(
         "blockdev-snapshot-sync",
         json!({"node-name": "base", "snapshot-file": overlay, "snapshot-node-name": "top",
