@@ -548,6 +548,16 @@ impl Node {
         Ok(())
     }
 
+    /// Reverts the image to internal snapshot `id` (the caller drained the node); the
+    /// node's size and its bitmaps follow the snapshot's disk size.
+    pub async fn revert_snapshot(&self, id: &str) -> Result<::qcow2::SnapshotInfo> {
+        self.check_writable()?;
+        self.wrote();
+        let reverted = self.driver.snapshot_revert(id).await;
+        self.bitmaps.resize(self.size());
+        reverted
+    }
+
     /// The filename as QEMU shows it (`a.img`, `null-co://`, `json:{...}`).
     pub fn filename(&self) -> String {
         self.driver.filename().display()

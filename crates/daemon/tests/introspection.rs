@@ -67,7 +67,12 @@ fn every_listed_command_exists_in_qsd() {
     let (_theirs, mut qsd) = qsd_session();
     let ours = command_names(&mut qmp);
     let theirs = command_names(&mut qsd);
-    let invented: Vec<&String> = ours.difference(&theirs).collect();
+    // QEMU's system emulator has these; qemu-storage-daemon does not.
+    let beyond_qsd = ["snapshot-save", "snapshot-load", "snapshot-delete"];
+    let invented: Vec<&String> = ours
+        .difference(&theirs)
+        .filter(|c| !beyond_qsd.contains(&c.as_str()))
+        .collect();
     assert!(invented.is_empty(), "not QSD commands: {invented:?}");
 }
 

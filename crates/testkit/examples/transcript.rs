@@ -1,6 +1,6 @@
 //! Prints the normalized transcript of a scenario against one daemon:
 //! `cargo run -p testkit --example transcript -- SCENARIO.json [BINARY]`
-//! (BINARY defaults to qemu-storage-daemon).
+//! (BINARY defaults to the scenario's reference program).
 
 use std::path::PathBuf;
 
@@ -14,8 +14,10 @@ fn main() -> Result<()> {
         args.next()
             .context("usage: transcript SCENARIO.json [BINARY]")?,
     );
-    let binary = args.next().map_or_else(testkit::qsd_path, PathBuf::from);
     let scenario = Scenario::load(&path)?;
+    let binary = args
+        .next()
+        .map_or_else(|| scenario.reference.binary(), PathBuf::from);
     let transcript = run(&scenario, &binary)?;
     for group in &transcript.groups {
         println!("=== {:?} {}", group.step, group.label);

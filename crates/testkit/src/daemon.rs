@@ -55,6 +55,82 @@ pub fn qsd_path() -> PathBuf {
     find_tool("qemu-storage-daemon", "qemu-utils")
 }
 
+/// Path of QEMU's x86 system emulator, the reference for what qemu-storage-daemon lacks
+/// (`snapshot-save`, `snapshot-load`, `snapshot-delete`). Installing it would replace
+/// the reference tools with another version, so it is unpacked beside them by
+/// `tests/tools/fetch-qemu-system` into the workspace's `target/qemu-system` on first use
+/// (`BLOCKD_QEMU_SYSTEM` names another binary).
+pub fn qemu_system_path() -> PathBuf {
+    if let Some(path) = std::env::var_os("BLOCKD_QEMU_SYSTEM") {
+        return PathBuf::from(path);
+    }
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .ancestors()
+        .nth(2)
+        .expect("testkit lives in crates/testkit")
+        .to_path_buf();
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace.join("target"), PathBuf::from);
+    let root = target.join("qemu-system");
+    let binary = root.join("usr/bin/qemu-system-x86_64");
+    if binary.is_file() {
+        return binary;
+    }
+    // Unpacked aside and renamed into place, so tests starting together never see half.
+    let partial = target.join(format!("qemu-system.partial-{}", std::process::id()));
+    let script = workspace.join("tests/tools/fetch-qemu-system");
+    let status = Command::new(&script).arg(&partial).status();
+    if !matches!(status, Ok(s) if s.success()) {
+        let _ = std::fs::remove_dir_all(&partial);
+        panic!(
+            "QEMU's system emulator is needed as the reference for the snapshot jobs: \
+             `{} {}` failed ({status:?}); it needs curl, network access to deb.debian.org \
+             and apt-get (or set BLOCKD_QEMU_SYSTEM to a qemu-system-x86_64 of QEMU 10.0.2)",
+            script.display(),
+            root.display()
+        );
+    }
+    if std::fs::rename(&partial, &root).is_err() {
+        let _ = std::fs::remove_dir_all(&partial);
+    }
+    assert!(binary.is_file(), "{} missing after fetch", binary.display());
+    binary
+}
+
+/// Whether `binary` is a QEMU system emulator (it takes `-blockdev` and `-mon`, not
+/// qemu-storage-daemon's `--blockdev` and `--monitor`).
+pub fn is_system_emulator(binary: &Path) -> bool {
+    binary
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("qemu-system-"))
+}
+
+/// The command line of a system emulator for qemu-storage-daemon's `args`: no machine,
+/// no devices, the monitor on `socket`. Only options both programs have translate.
+fn system_emulator_args(socket: &str, args: &[OsString]) -> Result<Vec<OsString>> {
+    let mut out: Vec<OsString> = ["-machine", "none", "-nodefaults", "-display", "none"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    out.push("-chardev".into());
+    out.push(format!("socket,id=m0,path={socket},server=on,wait=off").into());
+    out.push("-mon".into());
+    out.push("chardev=m0,mode=control".into());
+    let mut iter = args.iter();
+    while let Some(arg) = iter.next() {
+        let text = arg.to_str().context("non-UTF-8 argument")?;
+        match text {
+            "--blockdev" | "--object" | "--chardev" => {
+                out.push(text[1..].into());
+                out.push(iter.next().context("option without a value")?.clone());
+            }
+            _ => bail!("the system emulator has no equivalent of {text}"),
+        }
+    }
+    Ok(out)
+}
+
 /// A running daemon with a QMP unix-socket monitor at `dir/qmp.sock`.
 ///
 /// The process is killed when this is dropped, so no daemon outlives a test.
@@ -114,8 +190,17 @@ impl Daemon {
             "chardev=m0".into(),
         ];
         args.extend(extra_args.iter().map(|a| a.as_ref().to_os_string()));
+        let mut command = Command::new(binary);
+        if is_system_emulator(binary) {
+            let socket = socket.to_str().context("non-UTF-8 socket path")?;
+            args = system_emulator_args(socket, &args[4..])?;
+            // Libraries unpacked beside an emulator that is not installed.
+            if let Some(root) = binary.parent().and_then(Path::parent) {
+                command.env("LD_LIBRARY_PATH", root.join("lib/x86_64-linux-gnu"));
+            }
+        }
         let started = Instant::now();
-        let child = Command::new(binary)
+        let child = command
             .args(&args)
             .current_dir(dir)
             .stdin(Stdio::null())

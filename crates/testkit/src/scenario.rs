@@ -32,6 +32,27 @@ pub struct Scenario {
     pub settle: Duration,
     pub reply_timeout: Duration,
     pub steps: Vec<Value>,
+    /// The oracle: qemu-storage-daemon, or QEMU's system emulator for what QSD lacks.
+    pub reference: Reference,
+}
+
+/// Which QEMU program a scenario's reference transcript comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reference {
+    /// `qemu-storage-daemon` (the default).
+    StorageDaemon,
+    /// `qemu-system-x86_64 -machine none` (`"reference": "qemu-system"`).
+    SystemEmulator,
+}
+
+impl Reference {
+    /// The reference program's path.
+    pub fn binary(self) -> PathBuf {
+        match self {
+            Reference::StorageDaemon => crate::qsd_path(),
+            Reference::SystemEmulator => crate::daemon::qemu_system_path(),
+        }
+    }
 }
 
 impl Scenario {
@@ -62,7 +83,8 @@ impl Scenario {
                     "greeting_mask",
                     "settle_ms",
                     "reply_timeout_ms",
-                    "steps"
+                    "steps",
+                    "reference"
                 ]
                 .contains(&key.as_str()),
                 "unknown scenario key {key:?}"
@@ -123,6 +145,11 @@ impl Scenario {
             settle: millis("settle_ms", 20)?,
             reply_timeout: millis("reply_timeout_ms", 10_000)?,
             steps,
+            reference: match obj.get("reference").map(|v| v.as_str()) {
+                None | Some(Some("qemu-storage-daemon")) => Reference::StorageDaemon,
+                Some(Some("qemu-system")) => Reference::SystemEmulator,
+                Some(_) => bail!("reference is \"qemu-storage-daemon\" or \"qemu-system\""),
+            },
         })
     }
 }
@@ -799,8 +826,18 @@ fn run_reference(scenario: &Scenario, reference: &Path) -> Transcript {
 
 /// Runs the scenario file at `path` against `reference` and `candidate` and
 /// panics with a readable diff when their normalized transcripts differ.
-pub fn assert_same(path: &Path, reference: &Path, candidate: &Path) {
+///
+/// `reference` is None for the scenario's own reference program.
+pub fn assert_same(path: &Path, reference: Option<&Path>, candidate: &Path) {
     let scenario = Scenario::load(path).unwrap_or_else(|e| panic!("{e:#}"));
+    let own;
+    let reference = match reference {
+        Some(r) => r,
+        None => {
+            own = scenario.reference.binary();
+            &own
+        }
+    };
     let left = run_reference(&scenario, reference);
     let right = run(&scenario, candidate)
         .unwrap_or_else(|e| panic!("{}: {}: {e:#}", scenario.name, candidate.display()));

@@ -225,8 +225,26 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     fn can_snapshot(&self) -> bool {
         false
     }
-    /// Takes an internal snapshot called `name` (the caller drained the node).
-    async fn snapshot_create(&self, _name: &str) -> Result<::qcow2::SnapshotInfo> {
+    /// The internal snapshots, in table order.
+    fn snapshot_list(&self) -> Vec<::qcow2::SnapshotInfo> {
+        Vec::new()
+    }
+    /// Takes an internal snapshot called `name` holding `vm_state` as its VM state
+    /// (empty for a disk-only snapshot); the caller drained the node.
+    async fn snapshot_create(
+        &self,
+        _name: &str,
+        _vm_state: &[u8],
+    ) -> Result<::qcow2::SnapshotInfo> {
+        Err(Error::OperationNotSupported)
+    }
+    /// Makes the disk what it was when snapshot `id` was taken (the caller drained the
+    /// node); the snapshot stays.
+    async fn snapshot_revert(&self, _id: &str) -> Result<::qcow2::SnapshotInfo> {
+        Err(Error::OperationNotSupported)
+    }
+    /// Reads `buf.len()` bytes of snapshot `id`'s VM state from its start.
+    async fn snapshot_vm_state(&self, _id: &str, _buf: &mut [u8]) -> Result<()> {
         Err(Error::OperationNotSupported)
     }
     /// Deletes the internal snapshot matching `id` and `name` (QEMU's rules); returns it.

@@ -632,12 +632,33 @@ impl BlockDriver for Qcow2Driver {
         true
     }
 
-    async fn snapshot_create(&self, name: &str) -> Result<qcow2::SnapshotInfo> {
+    fn snapshot_list(&self) -> Vec<qcow2::SnapshotInfo> {
+        self.snapshot_list
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    async fn snapshot_revert(&self, id: &str) -> Result<qcow2::SnapshotInfo> {
+        let result = self.image.revert_snapshot(id).await.map_err(format_error);
+        self.refresh_header().await;
+        result
+    }
+
+    async fn snapshot_vm_state(&self, id: &str, buf: &mut [u8]) -> Result<()> {
+        self.image
+            .read_vm_state(id, 0, buf)
+            .await
+            .map_err(format_error)
+    }
+
+    async fn snapshot_create(&self, name: &str, vm_state: &[u8]) -> Result<qcow2::SnapshotInfo> {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default();
         // blockd runs no guest: the VM clock is the wall clock, as qemu-storage-daemon's.
         let mut new = qcow2::NewSnapshot::new(name);
+        new.vm_state = vm_state;
         new.date_sec = u32::try_from(now.as_secs()).unwrap_or(u32::MAX);
         new.date_nsec = now.subsec_nanos();
         new.vm_clock_nsec = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);

@@ -13,6 +13,7 @@ mod job;
 pub mod nbd;
 mod object;
 mod snapshot;
+mod snapshot_job;
 mod transaction;
 
 use crate::control::State;
@@ -80,6 +81,9 @@ pub const COMMANDS: &[(&str, Handler)] = &[
     ("x-debug-block-dirty-bitmap-sha256", bitmap::sha256),
     ("transaction", transaction::transaction),
     ("blockdev-snapshot-sync", snapshot::blockdev_snapshot_sync),
+    ("snapshot-save", snapshot_job::snapshot_save),
+    ("snapshot-load", snapshot_job::snapshot_load),
+    ("snapshot-delete", snapshot_job::snapshot_delete),
     ("blockdev-snapshot", snapshot::blockdev_snapshot),
     (
         "blockdev-snapshot-internal-sync",

@@ -270,7 +270,7 @@ pub async fn prepare_internal(state: &mut State, a: Value) -> Result<InternalPre
     }
     // No request may be half way through the image while its tables change.
     node.gate().drain().await;
-    let taken = node.driver().snapshot_create(&a.name).await;
+    let taken = node.driver().snapshot_create(&a.name, &[]).await;
     node.gate().undrain();
     let info = taken.map_err(|e| on_device(e, &a.device))?;
     Ok(InternalPrepared { node, id: info.id })
