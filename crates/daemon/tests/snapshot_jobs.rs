@@ -396,3 +396,86 @@ fn load_refusals_change_nothing() {
         tool("qemu-img", &["check", &path(d, &format!("{disk}.qcow2"))]);
     }
 }
+
+/// A group snapshot QEMU's system emulator saved (its VM state is a guest's migration
+/// stream, not blockd's record) is listed, loaded and deleted by blockd: the disks come
+/// back to what they held at the save.
+#[test]
+fn a_group_saved_by_qemu_loads_in_blockd() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut args = Vec::new();
+    for (name, fill) in [("a", 0x31), ("b", 0x32)] {
+        let image = path(d, &format!("{name}.qcow2"));
+        tool("qemu-img", &["create", "-q", "-f", "qcow2", &image, "4M"]);
+        let cmd = format!("write -P {fill:#x} 0 2M");
+        tool("qemu-io", &["-f", "qcow2", "-c", &cmd, &image]);
+        args.extend([
+            "--blockdev".to_string(),
+            format!("driver=file,node-name=f{name},filename={image}"),
+            "--blockdev".to_string(),
+            format!("driver=qcow2,node-name={name},file=f{name}"),
+        ]);
+    }
+    let qemu = testkit::daemon::qemu_system_path();
+    let mut system = Daemon::start_in(&qemu, d, &args).expect("the system emulator starts");
+    let mut qmp = system.qmp().expect("its monitor answers");
+    assert_eq!(save(&mut qmp, "s", "by-qemu", "a", &["a", "b"]), None);
+    let _ = qmp.execute("quit", json!({}));
+    system.wait_exit(LIMIT).expect("the emulator exits");
+    let at_save: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let raw = path(d, &format!("{name}.saved.raw"));
+            tool(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-O",
+                    "raw",
+                    &path(d, &format!("{name}.qcow2")),
+                    &raw,
+                ],
+            );
+            raw
+        })
+        .collect();
+    for name in ["a", "b"] {
+        let image = path(d, &format!("{name}.qcow2"));
+        tool(
+            "qemu-io",
+            &["-f", "qcow2", "-c", "write -P 0x99 1M 2M", &image],
+        );
+    }
+
+    let mut blockd = Daemon::start(&blockd(), &args).expect("blockd starts");
+    let mut qmp = blockd.qmp().expect("monitor answers");
+    let nodes = qmp
+        .execute("query-named-block-nodes", json!({"flat": true}))
+        .unwrap();
+    let a = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node-name"] == "a")
+        .unwrap();
+    assert_eq!(a["image"]["snapshots"][0]["name"], "by-qemu");
+    assert!(
+        a["image"]["snapshots"][0]["vm-state-size"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
+    assert_eq!(load(&mut qmp, "l", "by-qemu", "a", &["a", "b"]), None);
+    assert_eq!(delete(&mut qmp, "d", "by-qemu", &["a", "b"]), None);
+    let _ = qmp.execute("quit", json!({}));
+    blockd.wait_exit(LIMIT).expect("blockd exits");
+    for (name, want) in ["a", "b"].iter().zip(&at_save) {
+        let image = path(d, &format!("{name}.qcow2"));
+        tool("qemu-img", &["check", &image]);
+        assert!(listed(&image).is_empty(), "{name} keeps the snapshot");
+        let raw = path(d, &format!("{name}.loaded.raw"));
+        tool("qemu-img", &["convert", "-O", "raw", &image, &raw]);
+        assert!(same(want, &raw), "{name} differs from the save");
+    }
+}
