@@ -479,3 +479,41 @@ fn a_group_saved_by_qemu_loads_in_blockd() {
         assert!(same(want, &raw), "{name} differs from the save");
     }
 }
+
+/// A device under a running backup (its copy-before-write filter keeps the point in time)
+/// is saved, but not reverted under the backup: load refuses and the disk keeps its data.
+#[test]
+fn load_refuses_a_device_under_a_backup() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (mut daemon, mut qmp) = start(d, &[]);
+    qmp.execute(
+        "blockdev-add",
+        json!({"driver": "null-co", "node-name": "sink", "size": 4 << 20}),
+    )
+    .unwrap();
+    qmp.execute(
+        "blockdev-backup",
+        json!({"job-id": "j", "device": "a", "target": "sink", "sync": "full", "speed": 1}),
+    )
+    .unwrap();
+    assert_eq!(save(&mut qmp, "s", "t", "a", &["a", "b"]), None);
+    tool(
+        "qemu-io",
+        &["-f", "raw", "-c", "write -P 0x66 0 64k", &uri(d, "a")],
+    );
+    let error = load(&mut qmp, "l", "t", "a", &["b", "a"]).expect("load refused");
+    assert!(
+        error.starts_with("Could not load snapshot 't' on 'a': node '"),
+        "{error}"
+    );
+    assert!(holds(d, "a", 0, 0x66));
+    qmp.execute("block-job-cancel", json!({"device": "j", "force": true}))
+        .unwrap();
+    qmp.wait_event("BLOCK_JOB_CANCELLED", LIMIT).unwrap();
+    assert_eq!(load(&mut qmp, "l2", "t", "a", &["b", "a"]), None);
+    assert!(holds(d, "a", 0, 0x11));
+    let _ = qmp.execute("quit", json!({}));
+    daemon.wait_exit(LIMIT).expect("blockd exits");
+    tool("qemu-img", &["check", &path(d, "a.qcow2")]);
+}

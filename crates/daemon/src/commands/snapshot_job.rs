@@ -19,6 +19,7 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use block::node::ParentKey;
 use block::{BlockGraph, Node, NodeHold};
 use jobs::{JobContext, JobDriver, JobOptions, JobType};
 use qapi::QmpError;
@@ -101,6 +102,30 @@ fn resolve(graph: &BlockGraph, names: &[String]) -> Result<Vec<Device>, String> 
             hold: NodeHold::new(node),
         })
         .collect())
+}
+
+/// For load: a device a copy-before-write filter keeps a point in time of (a backup, a
+/// fleecing export) is not reverted under it, which would change that point in time.
+/// QEMU reverts anyway; blockd refuses before anything changed.
+fn check_no_point_in_time(graph: &BlockGraph, devices: &[Device], tag: &str) -> Result<(), String> {
+    for d in devices {
+        for edge in d.node().parents() {
+            let ParentKey::Node(parent) = &edge.key else {
+                continue;
+            };
+            if graph
+                .get(parent)
+                .is_some_and(|p| p.driver_name() == "copy-before-write")
+            {
+                return Err(format!(
+                    "Could not load snapshot '{tag}' on '{}': node '{parent}' (copy-before-write) \
+                     keeps a point in time of it",
+                    d.name
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn can_snapshot(node: &Node) -> bool {
@@ -417,11 +442,17 @@ fn start(
         auto_dismiss: false,
         ..JobOptions::new(job_id, job_type)
     };
+    let resolved = resolve(&state.graph, devices).and_then(|d| {
+        if kind == Kind::Load {
+            check_no_point_in_time(&state.graph, &d, &tag)?;
+        }
+        Ok(d)
+    });
     let job = SnapshotJob {
         kind,
         tag,
         vmstate,
-        devices: Mutex::new(Some(resolve(&state.graph, devices))),
+        devices: Mutex::new(Some(resolved)),
         events: state.events.clone(),
     };
     let id = state.jobs.create(opts, Arc::new(job)).map_err(job_error)?;
