@@ -254,6 +254,9 @@ impl Refcounts {
             return Ok(0);
         };
         let order = self.order;
+        if let Some(block) = self.blocks.get(&off) {
+            return Ok(read_entry(&block.data, order, cluster % per));
+        }
         let block = self.block(file, off).await?;
         Ok(read_entry(&block.data, order, cluster % per))
     }

@@ -227,8 +227,8 @@ impl Image {
             false => guest_l1.min(meta.l1.len()),
         };
         let shared = meta.l1[..copied].to_vec();
-        self.walk_tree(&mut meta, &shared, Walk::Check { raise: true })
-            .await?;
+        let tree = self.tree_clusters(&mut meta, &shared).await?;
+        self.check_clusters(&mut meta, &tree, true).await?;
         // The snapshot takes the active tables as they are, COPIED flags and all (`qemu-img
         // check` looks at the flags of the active tables only).
         let mut sn_l1: Vec<u64> = shared.iter().map(|e| e & !COPIED).collect();
@@ -240,8 +240,8 @@ impl Image {
                 .await?;
             sn_l1.extend(vm);
         }
-        let mut sw = Switch::default();
-        for c in self.tree_clusters(&mut meta, &shared).await? {
+        let mut sw = Switch::new(meta.rc.block_entries());
+        for c in tree {
             sw.add(c, 1);
         }
         let mut entries = meta.snapshots.clone();
@@ -277,10 +277,10 @@ impl Image {
             })?;
         let entry = meta.snapshots[i].clone();
         let l1 = self.snapshot_l1(&entry).await?;
-        self.walk_tree(&mut meta, &l1, Walk::Check { raise: false })
-            .await?;
-        let mut sw = Switch::default();
-        for c in self.tree_clusters(&mut meta, &l1).await? {
+        let tree = self.tree_clusters(&mut meta, &l1).await?;
+        self.check_clusters(&mut meta, &tree, false).await?;
+        let mut sw = Switch::new(meta.rc.block_entries());
+        for c in tree {
             sw.add(c, -1);
         }
         let bytes = u64::from(entry.l1_size) * 8;
@@ -473,6 +473,14 @@ impl Image {
             out.push(off >> self.geo.cluster_bits);
         }
         Ok(out)
+    }
+
+    /// Check every cluster of a tree (see [`Walk::Check`]).
+    async fn check_clusters(&self, meta: &mut Meta, tree: &[u64], raise: bool) -> Result<()> {
+        for &c in tree {
+            self.touch(meta, c, Walk::Check { raise }).await?;
+        }
+        Ok(())
     }
 
     /// Do `walk` to every L2 table of `l1` and every cluster their entries use.

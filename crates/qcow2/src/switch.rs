@@ -38,12 +38,46 @@ const HEADER_TABLES: u64 = 36;
 const MAX_PLACEMENTS: usize = 64;
 
 /// Refcount changes and new tables that become live together.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Switch {
-    /// Refcount changes of clusters in use now, by cluster index.
-    deltas: HashMap<u64, i64, OffsetHash>,
+    /// Refcount changes by refcount table index: one entry per cluster of that block's range
+    /// (dense, as snapshot operations touch nearly every cluster of the ranges they touch).
+    deltas: Deltas,
     /// Bytes of each new table, in the order they are asked for.
     tables: Vec<u64>,
+}
+
+/// Refcount changes, by refcount table index, then by index in the block.
+#[derive(Debug, Clone)]
+struct Deltas {
+    per: u64,
+    blocks: HashMap<u64, Vec<i64>, OffsetHash>,
+}
+
+impl Deltas {
+    fn add(&mut self, cluster: u64, delta: i64) {
+        let per = self.per;
+        let block = self
+            .blocks
+            .entry(cluster / per)
+            .or_insert_with(|| vec![0; per as usize]);
+        let d = &mut block[(cluster % per) as usize];
+        *d = d.saturating_add(delta);
+    }
+
+    fn get(&self, cluster: u64) -> i64 {
+        self.blocks
+            .get(&(cluster / self.per))
+            .map_or(0, |b| b[(cluster % self.per) as usize])
+    }
+
+    /// The refcount table indexes with a change.
+    fn touched(&self) -> impl Iterator<Item = u64> + '_ {
+        self.blocks
+            .iter()
+            .filter(|(_, b)| b.iter().any(|d| *d != 0))
+            .map(|(ti, _)| *ti)
+    }
 }
 
 /// Where a switch puts its new tables, and the refcount structures that describe the result.
@@ -79,14 +113,25 @@ struct Layout {
 }
 
 impl Switch {
+    /// A switch for refcount blocks of `block_entries` entries.
+    pub fn new(block_entries: u64) -> Self {
+        Self {
+            deltas: Deltas {
+                per: block_entries,
+                blocks: HashMap::default(),
+            },
+            tables: Vec::new(),
+        }
+    }
+
     /// Add `delta` to the refcount of `cluster` (a cluster in use now).
     pub fn add(&mut self, cluster: u64, delta: i64) {
-        *self.deltas.entry(cluster).or_insert(0) += delta;
+        self.deltas.add(cluster, delta);
     }
 
     /// The change recorded so far for `cluster`.
     pub fn delta(&self, cluster: u64) -> i64 {
-        self.deltas.get(&cluster).copied().unwrap_or(0)
+        self.deltas.get(cluster)
     }
 
     /// Drop one reference to every cluster of host bytes `off..off + bytes`.
@@ -130,9 +175,7 @@ impl Switch {
         let old_table = rc.table_offset / cs..rc.table_offset / cs + u64::from(rc.table_clusters);
         let mut touched: BTreeSet<u64> = self
             .deltas
-            .iter()
-            .filter(|(_, d)| **d != 0)
-            .map(|(c, _)| c / per)
+            .touched()
             .chain((start..start + n).map(|c| c / per))
             .chain(old_table.map(|c| c / per))
             .collect();
@@ -179,15 +222,14 @@ impl Switch {
         let (cs, per) = (rc.cluster_size(), rc.block_entries());
         let area = start + n;
         let mut deltas = self.deltas.clone();
-        let mut bump = |c: u64, d: i64| *deltas.entry(c).or_insert(0) += d;
-        (start..area + layout.used).for_each(|c| bump(c, 1));
+        (start..area + layout.used).for_each(|c| deltas.add(c, 1));
         for &ti in &layout.touched {
             if let Some(off) = rc.block_offset(ti)? {
-                bump(off / cs, -1);
+                deltas.add(off / cs, -1);
             }
         }
         let old_table = rc.table_offset / cs;
-        (old_table..old_table + u64::from(rc.table_clusters)).for_each(|c| bump(c, -1));
+        (old_table..old_table + u64::from(rc.table_clusters)).for_each(|c| deltas.add(c, -1));
         let mut table = rc.table.clone();
         table.resize((layout.table_clusters * cs / 8) as usize, 0);
         let mut blocks: HashMap<u64, (u64, Vec<u8>), OffsetHash> = HashMap::default();
@@ -202,22 +244,30 @@ impl Switch {
         }
         let (order, max) = (rc.order(), rc.max_value());
         let mut freed = Vec::new();
-        for (&c, &d) in deltas.iter().filter(|(_, d)| **d != 0) {
-            let (_, data) = blocks
-                .get_mut(&(c / per))
-                .ok_or_else(|| Error::Corrupt(format!("no refcount block for cluster {c:#x}")))?;
-            let old = read_entry(data, order, c % per);
-            let new = old
-                .checked_add_signed(d)
-                .filter(|v| *v <= max)
-                .ok_or_else(|| {
-                    Error::Corrupt(format!(
-                        "refcount of cluster {c:#x} would leave its range ({old} {d:+})"
-                    ))
-                })?;
-            write_entry(data, order, c % per, new);
-            if new == 0 {
-                freed.push(c);
+        for (&ti, changes) in &deltas.blocks {
+            let Some((_, data)) = blocks.get_mut(&ti) else {
+                if changes.iter().all(|d| *d == 0) {
+                    continue;
+                }
+                return Err(Error::Corrupt(format!(
+                    "no refcount block {ti} in the switch"
+                )));
+            };
+            for (i, &d) in changes.iter().enumerate().filter(|(_, d)| **d != 0) {
+                let (c, i) = (ti * per + i as u64, i as u64);
+                let old = read_entry(data, order, i);
+                let new = old
+                    .checked_add_signed(d)
+                    .filter(|v| *v <= max)
+                    .ok_or_else(|| {
+                        Error::Corrupt(format!(
+                            "refcount of cluster {c:#x} would leave its range ({old} {d:+})"
+                        ))
+                    })?;
+                write_entry(data, order, i, new);
+                if new == 0 {
+                    freed.push(c);
+                }
             }
         }
         let mut offsets = Vec::with_capacity(self.tables.len());
