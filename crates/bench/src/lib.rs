@@ -187,6 +187,39 @@ pub fn random_file(path: &Path, mib: u64, step: u64) -> Result<()> {
     Ok(())
 }
 
+/// `dir/source.qcow2`: a qcow2 of `mib` MiB made by `qemu-img convert` from a file whose
+/// every `step`-th MiB holds pseudo-random bytes (see [`random_file`]); the raw file is
+/// removed unless `keep_raw`. Returns the qcow2's path.
+pub fn random_qcow2(dir: &Path, mib: u64, step: u64, keep_raw: bool) -> Result<std::path::PathBuf> {
+    let raw = dir.join("source.raw");
+    let qcow2 = dir.join("source.qcow2");
+    random_file(&raw, mib, step)?;
+    convert(&raw, &qcow2, "qcow2")?;
+    if !keep_raw {
+        std::fs::remove_file(&raw)?;
+    }
+    Ok(qcow2)
+}
+
+/// `sync`, then fio 4 KiB random writes at queue depth 32 over the first `mib` MiB of the
+/// export at `uri` for `seconds`; returns the IOPS.
+pub fn randwrite_4k_iops(uri: &str, mib: u64, seconds: u64) -> Result<f64> {
+    run("sync", "coreutils", &[])?;
+    let got = fio(
+        uri,
+        &[
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            &format!("--size={mib}M"),
+            &format!("--runtime={seconds}"),
+            "--time_based",
+        ],
+        "write",
+    )?;
+    Ok(got.iops)
+}
+
 /// Runs `program` with `args` and returns its stdout; fails with its output when it fails,
 /// and names the Debian `package` that brings it when it cannot be started.
 pub fn run(program: &str, package: &str, args: &[&str]) -> Result<String> {

@@ -2,7 +2,10 @@
 //! client writes through an NBD export, the chain as `qemu-img info --backing-chain` sees
 //! it, each write in the base or the overlay according to when it was acknowledged (for
 //! `blockdev-snapshot-sync` and for `blockdev-snapshot` with an overlay added by
-//! `blockdev-add`), and `mode: existing` with an overlay made by qemu-img.
+//! `blockdev-add`), and `mode: existing` with an overlay made by qemu-img. Internal
+//! snapshots: blockd killed with SIGKILL at varied moments of
+//! `blockdev-snapshot-internal-sync` and `blockdev-snapshot-delete-internal-sync` leaves an
+//! image `qemu-img check` passes, holding the snapshot entirely or not at all.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use testkit::tools::{path, tool, wait_path};
+use testkit::tools::{
+    assert_no_corruption, create_qcow2, path, qcow2_to_raw as raw_of, snapshot_names, tool,
+    wait_path,
+};
 use testkit::{Daemon, Qmp};
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -235,4 +241,130 @@ fn mode_existing_uses_an_overlay_made_by_qemu_img() {
     assert!(holds(&overlay, "qcow2", 16, 0x77));
     assert!(holds(&base, "qcow2", 16, 0x11));
     tool("qemu-img", &["check", &overlay]);
+}
+
+/// A 256 MiB image with 4 KiB clusters (128 L2 tables, 65536 data clusters), filled with
+/// 0x11: taking or deleting an internal snapshot of it changes a lot of metadata.
+fn big_image(dir: &Path) -> String {
+    let img = path(dir, "big.qcow2");
+    create_qcow2(&img, "cluster_size=4096", "256M");
+    tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x11 0 256M", &img],
+    );
+    img
+}
+
+/// A copy of `base` as `img.qcow2`, blockd serving it as node `disk`, `command` sent, and
+/// blockd killed with SIGKILL `delay` later (`None`: after the reply). Returns the copy and
+/// the time from the command to the kill.
+fn killed_during(
+    dir: &Path,
+    base: &str,
+    command: &Value,
+    delay: Option<Duration>,
+) -> (String, Duration) {
+    let img = path(dir, "img.qcow2");
+    std::fs::copy(base, &img).unwrap();
+    let args = [
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=f,filename={img}"),
+        "--blockdev".to_string(),
+        "driver=qcow2,node-name=disk,file=f".to_string(),
+    ];
+    let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
+    let mut qmp = daemon.qmp().expect("monitor answers");
+    qmp.send(command).unwrap();
+    let sent = Instant::now();
+    match delay {
+        Some(delay) => std::thread::sleep(delay),
+        None => {
+            let reply = qmp.read_reply().unwrap();
+            assert!(reply.get("return").is_some(), "{reply}");
+        }
+    }
+    let took = sent.elapsed();
+    daemon.kill();
+    (img, took)
+}
+
+/// Check what a kill left: `qemu-img check` finds no corruption (leaks allowed), the active
+/// layer holds `active_raw`, and snapshot `name`, when listed, holds `snapshot_raw`.
+/// Returns whether it is listed.
+fn whole_or_absent(
+    dir: &Path,
+    img: &str,
+    name: &str,
+    active_raw: &str,
+    snapshot_raw: &str,
+) -> bool {
+    assert_no_corruption(img);
+    tool(
+        "qemu-img",
+        &["compare", "-f", "qcow2", "-F", "raw", img, active_raw],
+    );
+    let listed = snapshot_names(img).iter().any(|n| n == name);
+    if listed {
+        let got = path(dir, "snapshot.raw");
+        raw_of(img, Some(name), &got);
+        tool(
+            "qemu-img",
+            &["compare", "-f", "raw", "-F", "raw", &got, snapshot_raw],
+        );
+    }
+    listed
+}
+
+/// Kill delays: at once, spread over the time `command` takes when it runs to the end, and
+/// past it. Timing only picks the moments; every outcome is checked the same way.
+fn delays(dir: &Path, base: &str, command: &Value) -> Vec<Duration> {
+    let (_, took) = killed_during(dir, base, command, None);
+    eprintln!("{} took {took:?}", command["execute"]);
+    [0u32, 1, 2, 4, 6, 8, 12, 16]
+        .into_iter()
+        .map(|eighths| took * eighths / 8)
+        .collect()
+}
+
+#[test]
+fn sigkill_during_internal_snapshot_create_leaves_it_whole_or_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = big_image(d);
+    let active = path(d, "active.raw");
+    raw_of(&base, None, &active);
+    let create = json!({"execute": "blockdev-snapshot-internal-sync",
+                        "arguments": {"device": "disk", "name": "s"}});
+    let (img, _) = killed_during(d, &base, &create, None);
+    assert!(whole_or_absent(d, &img, "s", &active, &active));
+    for delay in delays(d, &base, &create) {
+        let (img, _) = killed_during(d, &base, &create, Some(delay));
+        let listed = whole_or_absent(d, &img, "s", &active, &active);
+        eprintln!("killed after {delay:?}: snapshot listed {listed}");
+    }
+}
+
+#[test]
+fn sigkill_during_internal_snapshot_delete_leaves_it_whole_or_absent() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let base = big_image(d);
+    let snapshot = path(d, "snapshot.ref.raw");
+    raw_of(&base, None, &snapshot);
+    tool("qemu-img", &["snapshot", "-c", "s", &base]);
+    tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x22 0 64M", &base],
+    );
+    let active = path(d, "active.raw");
+    raw_of(&base, None, &active);
+    let delete = json!({"execute": "blockdev-snapshot-delete-internal-sync",
+                        "arguments": {"device": "disk", "name": "s"}});
+    let (img, _) = killed_during(d, &base, &delete, None);
+    assert!(!whole_or_absent(d, &img, "s", &active, &snapshot));
+    for delay in delays(d, &base, &delete) {
+        let (img, _) = killed_during(d, &base, &delete, Some(delay));
+        let listed = whole_or_absent(d, &img, "s", &active, &snapshot);
+        eprintln!("killed after {delay:?}: snapshot listed {listed}");
+    }
 }

@@ -30,6 +30,8 @@ mod bitmap_dir;
 mod bitmap_ext;
 mod check;
 mod compress;
+#[cfg(test)]
+mod crash;
 mod create;
 mod error;
 mod ext;
@@ -42,6 +44,7 @@ mod refcount;
 mod snapshot;
 mod snapshot_table;
 mod storage;
+mod switch;
 mod write;
 
 pub use bitmap::{DirtyBitmap, Granularity};

@@ -118,7 +118,7 @@ impl Refcounts {
         })
     }
 
-    fn cluster_size(&self) -> u64 {
+    pub(crate) fn cluster_size(&self) -> u64 {
         1 << self.cluster_bits
     }
 
@@ -136,6 +136,39 @@ impl Refcounts {
             }
         }
         Ok(())
+    }
+
+    /// Bits per refcount entry, as a power of two.
+    pub fn order(&self) -> u32 {
+        self.order
+    }
+
+    /// A copy of the refcount block for table index `ti` (`None`: the table names none).
+    pub async fn block_copy(&mut self, file: &dyn Storage, ti: u64) -> Result<Option<Vec<u8>>> {
+        let Some(off) = self.block_offset(ti)? else {
+            return Ok(None);
+        };
+        Ok(Some(self.block(file, off).await?.data.clone()))
+    }
+
+    /// Take over refcount structures a metadata switch has made live: `table` at
+    /// `table_offset`, with `blocks` (offset, contents) as written. Cached blocks are dropped
+    /// (the switch replaced every block it changed), the new ones cached clean.
+    pub fn install(&mut self, table: Vec<u64>, table_offset: u64, blocks: Vec<(u64, Vec<u8>)>) {
+        let cs = self.cluster_size();
+        let old = self.table_offset;
+        self.protected.retain(|(s, _)| *s != old);
+        let clusters = (table.len() as u64 * 8).div_ceil(cs);
+        self.protected
+            .push((table_offset, table_offset + clusters * cs));
+        self.block_set = block_set(&table);
+        self.table = table;
+        self.table_offset = table_offset;
+        self.table_clusters = clusters as u32;
+        self.blocks.clear();
+        for (off, data) in blocks.into_iter().take(BLOCK_CACHE_MAX) {
+            self.blocks.insert(off, Block { data, dirty: false });
+        }
     }
 
     /// Refcount entries in one block.
@@ -221,6 +254,9 @@ impl Refcounts {
             return Ok(0);
         };
         let order = self.order;
+        if let Some(block) = self.blocks.get(&off) {
+            return Ok(read_entry(&block.data, order, cluster % per));
+        }
         let block = self.block(file, off).await?;
         Ok(read_entry(&block.data, order, cluster % per))
     }
@@ -310,7 +346,7 @@ impl Refcounts {
     /// used clusters it saw; when that finds nothing it appends after the end of the image
     /// (and of everything allocated since open), where a refcount claiming use can only be a
     /// leak, and the hint moves there.
-    async fn find_free(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
+    pub(crate) async fn find_free(&mut self, file: &dyn Storage, n: u64) -> Result<u64> {
         let cs = self.cluster_size();
         let file_end = file
             .len()

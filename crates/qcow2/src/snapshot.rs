@@ -10,16 +10,26 @@
 //! Callers quiesce guest I/O first, as QEMU drains; each operation also waits for the
 //! writes that are changing L2 entries and writes all cached metadata back before it starts.
 //!
-//! Crash safety. Tables that move (snapshot table, grown L1) go to new clusters, are flushed,
-//! and one synced header write switches to them; old clusters are freed after it. References
-//! are raised and made durable before anything new points at the clusters (create: before the
-//! table names the snapshot; revert: before the active L1 is overwritten), and dropped only
-//! after nothing points at them any more (delete: after the table stops naming the snapshot;
-//! revert: after the new active L1 is durable). A crash in between leaks clusters. The COPIED
-//! flags of the active tables cannot change in the same write as the refcounts: they are
-//! cleared before refcounts rise and set after refcounts fall, so a crash in between leaves a
-//! flag missing (an extra copy on the next write, which `qemu-img check -r all` also
-//! repairs), never a flag that would let a write land in a shared cluster.
+//! Crash safety of create and delete. Both change refcounts and the COPIED flags that
+//! describe them, which `qemu-img check` counts as corruption when they disagree, so neither
+//! writes live metadata in place: each is one metadata switch (`switch.rs`). Create records
+//! one more reference to every cluster and L2 table the active L1 reaches (the new snapshot's
+//! paths); delete one fewer for the snapshot's tree and its L1 table. Then every active L2
+//! table with an entry whose flag would be wrong afterwards is copied with the flag fixed
+//! (the copy takes the active path from the original), and the new active L1, the new
+//! snapshot's L1 copy, the new snapshot table, copies of the changed refcount blocks and a
+//! new refcount table go to free clusters and are flushed. One write of the header's first
+//! sector then switches the L1 table, the refcount table and the snapshot table together:
+//! that write is the commit point. A crash before it leaves the old image with unused free
+//! clusters, after it the new one, so the snapshot is there entirely or not at all and
+//! `qemu-img check` finds neither corruption nor leaks. The snapshot table may grow or move
+//! freely: it is always written to new clusters. Only VM state is written before the switch
+//! (to clusters allocated the usual way), so a crash with VM state can leak it.
+//!
+//! Revert keeps its older order: references are raised and made durable before the active L1
+//! is overwritten and dropped only after the new L1 is durable; the flags of the snapshot's
+//! tables are cleared before they go live and set once refcounts fall, so a crash in between
+//! leaves a flag missing (an extra copy on the next write; `qemu-img check -r all` repairs it).
 //!
 //! The VM state lives in the snapshot's own tree past the guest's data: from the first L1
 //! entry the disk does not use (QEMU's `qcow2_vm_state_offset`). QEMU writes it through the
@@ -39,9 +49,9 @@ use crate::l2::{
     L1_RESERVED_MASK, L2_OFFSET_MASK,
 };
 use crate::snapshot_table::{self, c_str, Entry, ParseError};
+use crate::switch::{HeaderTables, Switch};
 
 /// Header offset of `nb_snapshots` (followed by `snapshots_offset`).
-const HEADER_SNAPSHOTS: u64 = 60;
 /// Bytes of the snapshot table read first on open (more when it is longer).
 const FIRST_READ_BYTES: usize = 64 << 10;
 
@@ -125,6 +135,18 @@ enum Walk {
     Adjust(i64),
 }
 
+/// One snapshot table change, as [`Image::switch_snapshots`] carries it out.
+struct Plan {
+    /// Refcount changes of the snapshot trees added or removed.
+    sw: Switch,
+    /// The snapshot table after the change (a new snapshot last, its L1 offset still 0).
+    entries: Vec<Entry>,
+    /// Active L1 entries whose tables may need other COPIED flags.
+    active_upto: usize,
+    /// The L1 table of a new snapshot.
+    sn_l1: Option<Vec<u64>>,
+}
+
 /// QEMU's lookup for goto: the ID first, then the name.
 fn find_id_or_name(entries: &[Entry], key: &str) -> Option<usize> {
     entries
@@ -205,29 +227,34 @@ impl Image {
             false => guest_l1.min(meta.l1.len()),
         };
         let shared = meta.l1[..copied].to_vec();
-        self.walk_tree(&mut meta, &shared, Walk::Check { raise: true })
-            .await?;
-        let mut sn_l1 = shared.clone();
+        let tree = self.tree_clusters(&mut meta, &shared).await?;
+        self.check_clusters(&mut meta, &tree, true).await?;
+        // The snapshot takes the active tables as they are, COPIED flags and all (`qemu-img
+        // check` looks at the flags of the active tables only).
+        let mut sn_l1: Vec<u64> = shared.iter().map(|e| e & !COPIED).collect();
         if !new.vm_state.is_empty() {
+            // New clusters only the snapshot will name: a crash before the switch leaks them.
             sn_l1.resize(guest_l1, 0);
             let vm = self
                 .write_vm_state(&mut meta, guest_l1, new.vm_state)
                 .await?;
             sn_l1.extend(vm);
         }
-        // Flags first, then references (see the module documentation).
-        let cleared = self.set_copied(&mut meta, &shared, false).await?;
-        meta.l1[..copied].copy_from_slice(&cleared);
-        self.write_l1(&mut meta).await?;
-        sn_l1[..copied].copy_from_slice(&cleared);
-        // A failure from here on leaks the references raised (the header may already name
-        // the new table when its write fails, so they are not given back).
-        self.walk_tree(&mut meta, &shared, Walk::Adjust(1)).await?;
-        let entry = self.write_snapshot_l1(&mut meta, &sn_l1, new).await?;
+        let mut sw = Switch::new(meta.rc.block_entries());
+        for c in tree {
+            sw.add(c, 1);
+        }
         let mut entries = meta.snapshots.clone();
-        entries.push(entry.clone());
-        self.publish_snapshots(&mut meta, entries).await?;
-        Ok(SnapshotInfo::from_entry(&entry))
+        entries.push(self.new_entry(&meta, new, sn_l1.len()));
+        let plan = Plan {
+            sw,
+            entries,
+            active_upto: copied,
+            sn_l1: Some(sn_l1),
+        };
+        let entries = self.switch_snapshots(&mut meta, plan).await?;
+        let entry = entries.last().expect("the new snapshot was pushed last");
+        Ok(SnapshotInfo::from_entry(entry))
     }
 
     /// Delete the snapshot matching every field given (QMP's
@@ -250,12 +277,26 @@ impl Image {
             })?;
         let entry = meta.snapshots[i].clone();
         let l1 = self.snapshot_l1(&entry).await?;
-        self.walk_tree(&mut meta, &l1, Walk::Check { raise: false })
-            .await?;
+        let tree = self.tree_clusters(&mut meta, &l1).await?;
+        self.check_clusters(&mut meta, &tree, false).await?;
+        let mut sw = Switch::new(meta.rc.block_entries());
+        for c in tree {
+            sw.add(c, -1);
+        }
+        let bytes = u64::from(entry.l1_size) * 8;
+        if bytes > 0 && meta.rc.overlaps_protected(entry.l1_offset, bytes).is_none() {
+            sw.free(entry.l1_offset, bytes, self.geo.cluster_size());
+        }
         let mut entries = meta.snapshots.clone();
         entries.remove(i);
-        self.publish_snapshots(&mut meta, entries).await?;
-        self.drop_snapshot_tree(&mut meta, &entry, &l1).await?;
+        let upto = meta.l1.len();
+        let plan = Plan {
+            sw,
+            entries,
+            active_upto: upto,
+            sn_l1: None,
+        };
+        self.switch_snapshots(&mut meta, plan).await?;
         Ok(SnapshotInfo::from_entry(&entry))
     }
 
@@ -413,8 +454,10 @@ impl Image {
         }
     }
 
-    /// Do `walk` to every L2 table of `l1` and every cluster their entries use.
-    async fn walk_tree(&self, meta: &mut Meta, l1: &[u64], walk: Walk) -> Result<()> {
+    /// Every cluster the tree under `l1` uses, once per path to it: each L2 table's data
+    /// clusters, then the table.
+    async fn tree_clusters(&self, meta: &mut Meta, l1: &[u64]) -> Result<Vec<u64>> {
+        let mut out = Vec::new();
         for &e in l1 {
             let Some(off) = self.l2_of(e)? else {
                 continue;
@@ -424,13 +467,27 @@ impl Image {
                 let entry = entry_at(&table, j, self.geo.extended);
                 self.geo.validate(entry)?;
                 if let Some((first, last)) = self.entry_clusters(entry) {
-                    for c in first..=last {
-                        self.touch(meta, c, walk).await?;
-                    }
+                    out.extend(first..=last);
                 }
             }
-            // The table itself last: dropping its last reference takes it out of the cache.
-            self.touch(meta, off >> self.geo.cluster_bits, walk).await?;
+            out.push(off >> self.geo.cluster_bits);
+        }
+        Ok(out)
+    }
+
+    /// Check every cluster of a tree (see [`Walk::Check`]).
+    async fn check_clusters(&self, meta: &mut Meta, tree: &[u64], raise: bool) -> Result<()> {
+        for &c in tree {
+            self.touch(meta, c, Walk::Check { raise }).await?;
+        }
+        Ok(())
+    }
+
+    /// Do `walk` to every L2 table of `l1` and every cluster their entries use.
+    async fn walk_tree(&self, meta: &mut Meta, l1: &[u64], walk: Walk) -> Result<()> {
+        // A table's own cluster comes last: dropping its last reference uncaches it.
+        for c in self.tree_clusters(meta, l1).await? {
+            self.touch(meta, c, walk).await?;
         }
         Ok(())
     }
@@ -566,32 +623,12 @@ impl Image {
         Ok(l1)
     }
 
-    /// Write a snapshot's L1 table to new clusters; returns its table entry.
-    async fn write_snapshot_l1(
-        &self,
-        meta: &mut Meta,
-        l1: &[u64],
-        new: &NewSnapshot<'_>,
-    ) -> Result<Entry> {
-        let cs = self.geo.cluster_size();
-        let bytes = l1.len() as u64 * 8;
-        let off = match bytes {
-            0 => 0,
-            _ => {
-                meta.rc
-                    .alloc(self.file.as_ref(), bytes.div_ceil(cs))
-                    .await?
-            }
-        };
-        self.file
-            .write_at(off, &words_to_be(l1))
-            .await
-            .ctx("cannot write a snapshot L1 table")?;
-        meta.rc.write_dirty(self.file.as_ref()).await?;
-        self.file.flush().await.ctx("cannot flush the image")?;
-        Ok(Entry {
-            l1_offset: off,
-            l1_size: l1.len() as u32,
+    /// The table entry for a new snapshot whose L1 table has `l1_size` entries (its offset
+    /// is filled in once placed).
+    fn new_entry(&self, meta: &Meta, new: &NewSnapshot<'_>, l1_size: usize) -> Entry {
+        Entry {
+            l1_offset: 0,
+            l1_size: l1_size as u32,
             id: snapshot_table::next_id(&meta.snapshots).into_bytes(),
             name: new.name.as_bytes().to_vec(),
             date_sec: new.date_sec,
@@ -602,49 +639,122 @@ impl Image {
             icount: new.icount,
             extra_bytes: snapshot_table::KNOWN_EXTRA_BYTES as u32,
             unknown_extra: Vec::new(),
-        })
-    }
-
-    /// Drop the references of a snapshot no table entry names any more: its tree and its L1
-    /// table; then set the COPIED flags of what the active image now owns alone.
-    async fn drop_snapshot_tree(&self, meta: &mut Meta, e: &Entry, l1: &[u64]) -> Result<()> {
-        self.walk_tree(meta, l1, Walk::Adjust(-1)).await?;
-        let bytes = u64::from(e.l1_size) * 8;
-        if bytes > 0 && meta.rc.overlaps_protected(e.l1_offset, bytes).is_none() {
-            self.free_clusters(meta, e.l1_offset, bytes).await?;
         }
-        self.fix_active_copied(meta).await
     }
 
-    /// Make `entries` the snapshot table: write it to new clusters, flush, switch the
-    /// header's count and offset in one synced write, then free the old table.
-    async fn publish_snapshots(&self, meta: &mut Meta, entries: Vec<Entry>) -> Result<()> {
+    /// Point the active L1 entries below `upto` at tables whose COPIED flags match the
+    /// refcounts `sw` leaves. A table with an entry to change is copied with the flags fixed
+    /// (it stays live until the switch, so it is not rewritten): the copy takes the active
+    /// path, the original loses it. Returns the new active L1, where each copy's entry is
+    /// filled in once placed, and the copies as (L1 index, switch table, entries).
+    async fn retarget_active(
+        &self,
+        meta: &mut Meta,
+        sw: &mut Switch,
+        upto: usize,
+    ) -> Result<(Vec<u64>, Vec<(usize, usize, Vec<u64>)>)> {
+        let cb = self.geo.cluster_bits;
+        let words = self.geo.entry_words();
+        let mut l1 = meta.l1.clone();
+        let mut copies = Vec::new();
+        for (i, e) in l1.iter_mut().enumerate().take(upto) {
+            let Some(off) = self.l2_of(*e)? else {
+                continue;
+            };
+            let table = self.l2_table(meta, off).await?;
+            let mut fixed: Option<Vec<u64>> = None;
+            for j in 0..self.geo.l2_entries() as usize {
+                let entry = entry_at(&table, j, self.geo.extended);
+                if entry.word & COMPRESSED != 0 || !self.geo.is_allocated(entry) {
+                    continue;
+                }
+                let alone = self.alone_after(meta, sw, (entry.word & L2_OFFSET_MASK) >> cb);
+                if (entry.word & COPIED != 0) != alone.await? {
+                    let t = fixed.get_or_insert_with(|| table.to_vec());
+                    t[j * words] = entry.word ^ COPIED;
+                }
+            }
+            match fixed {
+                Some(t) => {
+                    sw.add(off >> cb, -1);
+                    copies.push((i, sw.table(self.geo.cluster_size()), t));
+                }
+                None => {
+                    let alone = self.alone_after(meta, sw, off >> cb).await?;
+                    *e = (*e & !COPIED) | if alone { COPIED } else { 0 };
+                }
+            }
+        }
+        Ok((l1, copies))
+    }
+
+    /// Whether cluster `c` has refcount 1 once `sw` is applied.
+    async fn alone_after(&self, meta: &mut Meta, sw: &Switch, c: u64) -> Result<bool> {
+        let rc = meta.rc.get(self.file.as_ref(), c).await?;
+        Ok(rc.checked_add_signed(sw.delta(c)) == Some(1))
+    }
+
+    /// Carry out `plan` as one metadata switch (`switch.rs`): the new snapshot table, a new
+    /// snapshot's L1 table, and the active tables retargeted so their COPIED flags match.
+    /// Returns the snapshot table now live.
+    async fn switch_snapshots(&self, meta: &mut Meta, plan: Plan) -> Result<Vec<Entry>> {
+        let Plan {
+            mut sw,
+            mut entries,
+            active_upto,
+            sn_l1,
+        } = plan;
         let cs = self.geo.cluster_size();
-        let bytes = snapshot_table::to_bytes(&entries)?;
-        let len = bytes.len() as u64;
-        let off = match len {
-            0 => 0,
-            _ => meta.rc.alloc(self.file.as_ref(), len.div_ceil(cs)).await?,
-        };
-        self.file
-            .write_at(off, &bytes)
-            .await
-            .ctx("cannot write the snapshot table")?;
-        // On failure the header may name either table; the new one stays allocated (a leak).
-        self.switch_table(meta, HEADER_SNAPSHOTS, entries.len() as u32, off)
-            .await?;
+        let (mut l1, copies) = self.retarget_active(meta, &mut sw, active_upto).await?;
+        let new_l1 = (l1 != meta.l1 || !copies.is_empty()).then(|| {
+            let (off, bytes) = (meta.header.l1_table_offset, meta.l1.len() as u64 * 8);
+            if bytes > 0 {
+                sw.free(off, bytes, cs);
+            }
+            sw.table(l1.len() as u64 * 8)
+        });
+        let sn = sn_l1.map(|t| (sw.table(t.len() as u64 * 8), t));
+        let table_bytes = snapshot_table::to_bytes(&entries)?.len() as u64;
+        let table = sw.table(table_bytes);
         let (old_off, old_len) = (meta.header.snapshots_offset, meta.snapshots_bytes);
-        meta.header.nb_snapshots = entries.len() as u32;
-        meta.header.snapshots_offset = off;
-        meta.snapshots = entries;
-        meta.snapshots_bytes = len;
-        let own = meta.rc.overlaps_protected(old_off, old_len).is_some();
-        if old_len > 0 && !own {
-            self.free_clusters(meta, old_off, old_len).await?;
+        if old_len > 0 && meta.rc.overlaps_protected(old_off, old_len).is_none() {
+            sw.free(old_off, old_len, cs);
         }
-        Ok(())
+        let placed = sw.place(&mut meta.rc, self.file.as_ref()).await?;
+        let mut contents = vec![Vec::new(); placed.offsets.len()];
+        for (i, t, words) in &copies {
+            l1[*i] = placed.offsets[*t] | COPIED;
+            contents[*t] = words_to_be(words);
+        }
+        if let Some((t, words)) = &sn {
+            if let Some(e) = entries.last_mut() {
+                e.l1_offset = placed.offsets[*t];
+            }
+            contents[*t] = words_to_be(words);
+        }
+        if let Some(t) = new_l1 {
+            contents[t] = words_to_be(&l1);
+        }
+        contents[table] = snapshot_table::to_bytes(&entries)?;
+        let tables = HeaderTables {
+            l1_size: l1.len() as u32,
+            l1_offset: new_l1.map_or(meta.header.l1_table_offset, |t| placed.offsets[t]),
+            nb_snapshots: entries.len() as u32,
+            snapshots_offset: placed.offsets[table],
+        };
+        let new_offsets: Vec<u64> = copies.iter().map(|(_, t, _)| placed.offsets[*t]).collect();
+        self.commit_switch(meta, placed, &contents, tables).await?;
+        meta.l1 = l1;
+        meta.snapshots = entries.clone();
+        meta.snapshots_bytes = table_bytes;
+        for (off, (_, _, words)) in new_offsets.into_iter().zip(copies) {
+            self.cache_l2(meta, off, Arc::new(words), false).await?;
+        }
+        Ok(entries)
     }
 }
 
+#[cfg(test)]
+mod crash_tests;
 #[cfg(test)]
 mod tests;

@@ -38,6 +38,49 @@ pub fn try_tool(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("{program} is needed (install {}): {e}", package_of(program)))
 }
 
+/// `qemu-img create -q -f qcow2 -o OPTS IMG SIZE`.
+pub fn create_qcow2(img: &str, opts: &str, size: &str) {
+    tool(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", "-o", opts, img, size],
+    );
+}
+
+/// The guest data of qcow2 image `img` (or of its internal snapshot `snapshot`) as raw file
+/// `out`, by `qemu-img convert`.
+pub fn qcow2_to_raw(img: &str, snapshot: Option<&str>, out: &str) {
+    let opt = snapshot.map(|s| format!("snapshot.name={s}"));
+    let mut args = vec!["convert", "-f", "qcow2"];
+    if let Some(o) = &opt {
+        args.extend(["-l", o.as_str()]);
+    }
+    args.extend(["-O", "raw", img, out]);
+    tool("qemu-img", &args);
+}
+
+/// The internal snapshot names `qemu-img snapshot -l` lists for `img`.
+pub fn snapshot_names(img: &str) -> Vec<String> {
+    let out = tool("qemu-img", &["snapshot", "-l", img]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(2)
+        .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+        .collect()
+}
+
+/// Asserts that `qemu-img check` finds no corruption in `img`: exit 0 (clean) or 3 (leaked
+/// clusters only).
+pub fn assert_no_corruption(img: &str) {
+    let out = try_tool("qemu-img", &["check", img]);
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(0 | 3)),
+        "qemu-img check exit {code:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `dir/name` as a string, for command lines.
 pub fn path(dir: &Path, name: &str) -> String {
     dir.join(name).to_string_lossy().into_owned()

@@ -205,11 +205,9 @@ fn main() -> Result<()> {
     let load = bench::loadavg();
     let opts = bench::SideBySide::parse("backup-bench", 3, 4096)?;
     let dir = opts.workdir("backup-bench-")?;
-    let raw = dir.path().join("source.raw");
-    let qcow2 = dir.path().join("source.qcow2");
     eprintln!("making a {} MiB source, half random data", opts.size_mib);
-    bench::random_file(&raw, opts.size_mib, 2)?;
-    bench::convert(&raw, &qcow2, "qcow2")?;
+    let qcow2 = bench::random_qcow2(dir.path(), opts.size_mib, 2, true)?;
+    let raw = dir.path().join("source.raw");
     let sides = [("blockd", opts.blockd.clone()), ("qemu", opts.qsd.clone())];
     let mut rows = String::new();
     let mut latency_rows = String::new();

@@ -218,20 +218,7 @@ fn write_iops(
             set_bitmaps(&mut qmp, step)?;
             on = step;
         }
-        bench::run("sync", "coreutils", &[])?;
-        let got = bench::fio(
-            &uri,
-            &[
-                "--rw=randwrite",
-                "--bs=4k",
-                "--iodepth=32",
-                &format!("--size={mib}M"),
-                &format!("--runtime={WRITE_SECONDS}"),
-                "--time_based",
-            ],
-            "write",
-        )?;
-        sums[usize::from(step)] += got.iops;
+        sums[usize::from(step)] += bench::randwrite_4k_iops(&uri, mib, WRITE_SECONDS)?;
     }
     let _ = qmp.execute("quit", json!({}));
     daemon.wait_exit(Duration::from_secs(60))?;
@@ -242,12 +229,8 @@ fn main() -> Result<()> {
     let load = bench::loadavg();
     let opts = bench::SideBySide::parse("bitmap-bench", 3, 4096)?;
     let dir = opts.workdir("bitmap-bench-")?;
-    let raw = dir.path().join("source.raw");
-    let source = dir.path().join("source.qcow2");
     eprintln!("making a {} MiB qcow2 full of random data", opts.size_mib);
-    bench::random_file(&raw, opts.size_mib, 1)?;
-    bench::convert(&raw, &source, "qcow2")?;
-    std::fs::remove_file(&raw)?;
+    let source = bench::random_qcow2(dir.path(), opts.size_mib, 1, false)?;
     let clusters = (opts.size_mib << 20) / CLUSTER;
     let dirty = clusters * DIRTY_PERCENT / 100;
     let sides = [("blockd", opts.blockd.clone()), ("qemu", opts.qsd.clone())];

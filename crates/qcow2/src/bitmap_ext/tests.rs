@@ -1,12 +1,12 @@
 //! Storing and loading through memory, and hostile bitmap metadata in whole images.
 
-use std::io;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::*;
+use crate::crash::crashes_of;
 use crate::header::autoclear;
 use crate::hostile_tests::{be, open, put};
-use crate::{create, BitmapsExt, CreateOptions, Header, MemStorage, OpenOptions, Storage};
+use crate::{create, BitmapsExt, CreateOptions, Header, MemStorage};
 
 const DISK: u64 = 64 << 20;
 
@@ -186,89 +186,6 @@ async fn bitmaps_are_not_stored_in_v2_images() {
         err.to_string(),
         "Cannot store dirty bitmaps in qcow2 v2 files"
     );
-}
-
-/// One request a [`Recorder`] saw.
-#[derive(Debug, Clone)]
-enum Event {
-    Write(u64, Vec<u8>),
-    Flush,
-}
-
-/// Memory storage that records its writes and flushes, to rebuild what a crash can leave.
-#[derive(Clone, Default)]
-struct Recorder {
-    inner: MemStorage,
-    events: Arc<Mutex<Vec<Event>>>,
-}
-
-#[async_trait::async_trait]
-impl Storage for Recorder {
-    async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read_at(offset, buf).await
-    }
-    async fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        let event = Event::Write(offset, buf.to_vec());
-        self.events.lock().unwrap().push(event);
-        self.inner.write_at(offset, buf).await
-    }
-    async fn flush(&self) -> io::Result<()> {
-        self.events.lock().unwrap().push(Event::Flush);
-        Ok(())
-    }
-    async fn len(&self) -> io::Result<u64> {
-        self.inner.len().await
-    }
-    async fn set_len(&self, len: u64) -> io::Result<()> {
-        self.inner.set_len(len).await
-    }
-}
-
-fn apply(bytes: &mut Vec<u8>, off: u64, data: &[u8]) {
-    let (a, b) = (off as usize, off as usize + data.len());
-    if bytes.len() < b {
-        bytes.resize(b, 0);
-    }
-    bytes[a..b].copy_from_slice(data);
-}
-
-/// Images a crash during `events` can leave on top of `base`: every prefix of the writes, and
-/// every write alone on top of what the last flush before it made durable (writes between
-/// flushes may reach the disk in any order).
-fn crash_states(base: &[u8], events: &[Event]) -> Vec<Vec<u8>> {
-    let mut states = Vec::new();
-    let (mut prefix, mut durable) = (base.to_vec(), base.to_vec());
-    for e in events {
-        match e {
-            Event::Flush => durable = prefix.clone(),
-            Event::Write(off, data) => {
-                let mut alone = durable.clone();
-                apply(&mut alone, *off, data);
-                states.push(alone);
-                apply(&mut prefix, *off, data);
-                states.push(prefix.clone());
-            }
-        }
-    }
-    states
-}
-
-/// Open `base` read-write, run `op` on it, and return the crash states it can leave.
-async fn crashes_of<F, Fut>(base: &[u8], op: F) -> Vec<Vec<u8>>
-where
-    F: FnOnce(Image) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let rec = Recorder {
-        inner: MemStorage::from_bytes(base.to_vec()),
-        ..Recorder::default()
-    };
-    let image = Image::open(Arc::new(rec.clone()), OpenOptions::default())
-        .await
-        .unwrap();
-    op(image).await;
-    let events = rec.events.lock().unwrap().clone();
-    crash_states(base, &events)
 }
 
 #[tokio::test]
