@@ -85,9 +85,6 @@ pub enum Error {
     /// Invalid creation options.
     #[error("{0}")]
     InvalidOption(String),
-    /// A snapshot must have a name (QEMU's wording).
-    #[error("Name is empty")]
-    SnapshotNameEmpty,
     /// Another snapshot has this name (the caller appends " on device '…'", as QEMU words it).
     #[error("Snapshot with name '{0}' already exists")]
     SnapshotExists(String),

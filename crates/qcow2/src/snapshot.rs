@@ -10,8 +10,8 @@
 //! Callers quiesce guest I/O first, as QEMU drains; each operation also waits for the
 //! writes that are changing L2 entries and writes all cached metadata back before it starts.
 //!
-//! Crash safety of create and delete. Both change refcounts and the COPIED flags that
-//! describe them, which `qemu-img check` counts as corruption when they disagree, so neither
+//! Crash safety of create, delete and revert. All three change refcounts and the COPIED flags that
+//! describe them, which `qemu-img check` counts as corruption when they disagree, so none
 //! writes live metadata in place: each is one metadata switch (`switch.rs`). Create records
 //! one more reference to every cluster and L2 table the active L1 reaches (the new snapshot's
 //! paths); delete one fewer for the snapshot's tree and its L1 table. Then every active L2
@@ -26,10 +26,9 @@
 //! freely: it is always written to new clusters. Only VM state is written before the switch
 //! (to clusters allocated the usual way), so a crash with VM state can leak it.
 //!
-//! Revert keeps its older order: references are raised and made durable before the active L1
-//! is overwritten and dropped only after the new L1 is durable; the flags of the snapshot's
-//! tables are cleared before they go live and set once refcounts fall, so a crash in between
-//! leaves a flag missing (an extra copy on the next write; `qemu-img check -r all` repairs it).
+//! Revert is a switch as well: the snapshot's tree gains a reference, the active tree loses
+//! one, and the snapshot's L1 table (flags fixed through copies as above) becomes the new
+//! active L1 with the snapshot's virtual size, all in the same header write.
 //!
 //! The VM state lives in the snapshot's own tree past the guest's data: from the first L1
 //! entry the disk does not use (QEMU's `qcow2_vm_state_offset`). QEMU writes it through the
@@ -125,16 +124,6 @@ impl<'a> NewSnapshot<'a> {
     }
 }
 
-/// What a walk over an L1 tree does to every cluster it reaches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Walk {
-    /// Only check: entries are valid, every cluster is counted and is no metadata of the
-    /// image's own, and (`raise`) one more reference fits.
-    Check { raise: bool },
-    /// Add this many references.
-    Adjust(i64),
-}
-
 /// One snapshot table change, as [`Image::switch_snapshots`] carries it out.
 struct Plan {
     /// Refcount changes of the snapshot trees added or removed.
@@ -145,6 +134,9 @@ struct Plan {
     active_upto: usize,
     /// The L1 table of a new snapshot.
     sn_l1: Option<Vec<u64>>,
+    /// A new active L1 table (a revert) instead of the current one, and the virtual size
+    /// that goes with it.
+    active: Option<(Vec<u64>, u64)>,
 }
 
 /// QEMU's lookup for goto: the ID first, then the name.
@@ -203,9 +195,8 @@ impl Image {
     /// Take a snapshot of the disk as it is now (and store `new.vm_state` with it).
     pub async fn create_snapshot(&self, new: &NewSnapshot<'_>) -> Result<SnapshotInfo> {
         self.check_writable()?;
-        if new.name.is_empty() {
-            return Err(Error::SnapshotNameEmpty);
-        }
+        // An empty name is valid (QEMU's `snapshot-save` takes one); QMP's
+        // `blockdev-snapshot-internal-sync` refuses it before it gets here.
         if new.name.len() > usize::from(u16::MAX) {
             return Err(Error::InvalidOption(
                 "snapshot name longer than 65535 bytes".into(),
@@ -251,6 +242,7 @@ impl Image {
             entries,
             active_upto: copied,
             sn_l1: Some(sn_l1),
+            active: None,
         };
         let entries = self.switch_snapshots(&mut meta, plan).await?;
         let entry = entries.last().expect("the new snapshot was pushed last");
@@ -295,6 +287,7 @@ impl Image {
             entries,
             active_upto: upto,
             sn_l1: None,
+            active: None,
         };
         self.switch_snapshots(&mut meta, plan).await?;
         Ok(SnapshotInfo::from_entry(&entry))
@@ -302,31 +295,42 @@ impl Image {
 
     /// Make the disk what it was when snapshot `id_or_name` (an ID, else a name, as QEMU
     /// looks it up) was taken, its size included. The snapshot stays.
+    ///
+    /// One metadata switch (`switch.rs`): the snapshot's tree gains a reference and the
+    /// active tree loses one, a new active L1 table (the snapshot's, with L2 tables whose
+    /// COPIED flags change copied and fixed) and the size become live with one header write.
+    /// A crash leaves the image before or after the revert, without leaks.
     pub async fn revert_snapshot(&self, id_or_name: &str) -> Result<SnapshotInfo> {
         self.begin_write().await?;
         let mut meta = self.quiesce().await?;
         self.check_snapshots_supported()?;
         let entry = self.find_for_goto(&meta, id_or_name)?;
-        let sn_l1 = self.snapshot_l1(&entry).await?;
+        let needed = meta.header.l1_entries_for(entry.disk_size);
+        if needed > MAX_L1_BYTES / 8 || entry.disk_size > i64::MAX as u64 {
+            return Err(Error::InvalidOption("Image size too large".into()));
+        }
+        let mut l1 = self.snapshot_l1(&entry).await?;
+        let sn_tree = self.tree_clusters(&mut meta, &l1).await?;
+        self.check_clusters(&mut meta, &sn_tree, true).await?;
         let old = meta.l1.clone();
-        self.walk_tree(&mut meta, &sn_l1, Walk::Check { raise: true })
-            .await?;
-        self.walk_tree(&mut meta, &old, Walk::Check { raise: false })
-            .await?;
-        if entry.disk_size != self.size() {
-            self.set_size(&mut meta, entry.disk_size).await?;
+        let old_tree = self.tree_clusters(&mut meta, &old).await?;
+        self.check_clusters(&mut meta, &old_tree, false).await?;
+        let mut sw = Switch::new(meta.rc.block_entries());
+        for c in sn_tree {
+            sw.add(c, 1);
         }
-        if sn_l1.len() > meta.l1.len() {
-            self.grow_l1(&mut meta, sn_l1.len() as u64).await?;
+        for c in old_tree {
+            sw.add(c, -1);
         }
-        self.walk_tree(&mut meta, &sn_l1, Walk::Adjust(1)).await?;
-        // The snapshot's tables are shared now: their flags must say so before they go live.
-        let mut new_l1 = self.set_copied(&mut meta, &sn_l1, false).await?;
-        new_l1.resize(meta.l1.len(), 0);
-        let old = std::mem::replace(&mut meta.l1, new_l1);
-        self.write_l1(&mut meta).await?;
-        self.walk_tree(&mut meta, &old, Walk::Adjust(-1)).await?;
-        self.fix_active_copied(&mut meta).await?;
+        l1.resize(l1.len().max(needed as usize), 0);
+        let plan = Plan {
+            sw,
+            entries: meta.snapshots.clone(),
+            active_upto: l1.len(),
+            sn_l1: None,
+            active: Some((l1, entry.disk_size)),
+        };
+        self.switch_snapshots(&mut meta, plan).await?;
         Ok(SnapshotInfo::from_entry(&entry))
     }
 
@@ -475,110 +479,29 @@ impl Image {
         Ok(out)
     }
 
-    /// Check every cluster of a tree (see [`Walk::Check`]).
+    /// Check every cluster of a tree: entries are valid (the caller read them), every
+    /// cluster is counted and is no metadata of the image's own, and (`raise`) one more
+    /// reference fits.
     async fn check_clusters(&self, meta: &mut Meta, tree: &[u64], raise: bool) -> Result<()> {
-        for &c in tree {
-            self.touch(meta, c, Walk::Check { raise }).await?;
-        }
-        Ok(())
-    }
-
-    /// Do `walk` to every L2 table of `l1` and every cluster their entries use.
-    async fn walk_tree(&self, meta: &mut Meta, l1: &[u64], walk: Walk) -> Result<()> {
-        // A table's own cluster comes last: dropping its last reference uncaches it.
-        for c in self.tree_clusters(meta, l1).await? {
-            self.touch(meta, c, walk).await?;
-        }
-        Ok(())
-    }
-
-    async fn touch(&self, meta: &mut Meta, c: u64, walk: Walk) -> Result<()> {
         let cs = self.geo.cluster_size();
         let file = self.file.as_ref();
-        let delta = match walk {
-            Walk::Adjust(d) => d,
-            Walk::Check { raise } => {
-                let off = c.checked_mul(cs).filter(|o| *o < MAX_HOST_OFFSET);
-                let own = off.is_none_or(|o| {
-                    meta.rc.overlaps_protected(o, cs).is_some() || meta.rc.is_block(o)
-                });
-                let rc = meta.rc.get(file, c).await?;
-                if own || rc == 0 {
-                    return Err(Error::Corrupt(format!(
-                        "snapshot tree references cluster {c:#x} (refcount {rc})"
-                    )));
-                }
-                if raise && rc >= meta.rc.max_value() {
-                    return Err(Error::Unsupported(format!(
-                        "refcount of cluster {c:#x} would overflow"
-                    )));
-                }
-                return Ok(());
+        for &c in tree {
+            let off = c.checked_mul(cs).filter(|o| *o < MAX_HOST_OFFSET);
+            let own = off
+                .is_none_or(|o| meta.rc.overlaps_protected(o, cs).is_some() || meta.rc.is_block(o));
+            let rc = meta.rc.get(file, c).await?;
+            if own || rc == 0 {
+                return Err(Error::Corrupt(format!(
+                    "snapshot tree references cluster {c:#x} (refcount {rc})"
+                )));
             }
-        };
-        meta.rc.adjust(file, c, delta).await?;
-        if delta < 0 && meta.rc.get(file, c).await? == 0 {
-            meta.l2.remove(c * cs);
+            if raise && rc >= meta.rc.max_value() {
+                return Err(Error::Unsupported(format!(
+                    "refcount of cluster {c:#x} would overflow"
+                )));
+            }
         }
         Ok(())
-    }
-
-    /// Set the COPIED flags of the L2 entries under `l1` to "refcount is 1" (`exact`), or
-    /// clear them all; returns `l1` with its own flags set the same way. Changed L2 tables
-    /// are written back and flushed; the caller writes the L1 entries.
-    async fn set_copied(&self, meta: &mut Meta, l1: &[u64], exact: bool) -> Result<Vec<u64>> {
-        let file = self.file.as_ref();
-        let cb = self.geo.cluster_bits;
-        if exact {
-            // Refcounts that fell are durable before a flag claims a cluster alone.
-            meta.rc.write_dirty(file).await?;
-            file.flush().await.ctx("cannot flush the image")?;
-        }
-        let mut out = l1.to_vec();
-        for e in out.iter_mut() {
-            let Some(off) = self.l2_of(*e)? else {
-                continue;
-            };
-            let table = self.l2_table(meta, off).await?;
-            for j in 0..self.geo.l2_entries() as usize {
-                let entry = entry_at(&table, j, self.geo.extended);
-                if entry.word & COMPRESSED != 0 || !self.geo.is_allocated(entry) {
-                    continue;
-                }
-                let host = (entry.word & L2_OFFSET_MASK) >> cb;
-                let alone = exact && meta.rc.get(file, host).await? == 1;
-                if (entry.word & COPIED != 0) != alone {
-                    let word = (entry.word & !COPIED) | if alone { COPIED } else { 0 };
-                    let new = L2Entry { word, ..entry };
-                    self.set_l2_entry(meta, off, j as u64, new).await?;
-                }
-            }
-            let alone = exact && meta.rc.get(file, off >> cb).await? == 1;
-            *e = (*e & !COPIED) | if alone { COPIED } else { 0 };
-        }
-        self.writeback(meta).await?;
-        self.sync_storages().await?;
-        Ok(out)
-    }
-
-    /// Recompute the COPIED flags of the whole active tree, writing the L1 table if needed.
-    async fn fix_active_copied(&self, meta: &mut Meta) -> Result<()> {
-        let l1 = meta.l1.clone();
-        let fixed = self.set_copied(meta, &l1, true).await?;
-        if fixed != l1 {
-            meta.l1 = fixed;
-            self.write_l1(meta).await?;
-        }
-        Ok(())
-    }
-
-    /// Write the whole active L1 table in place, synced.
-    async fn write_l1(&self, meta: &mut Meta) -> Result<()> {
-        self.file
-            .write_at(meta.header.l1_table_offset, &words_to_be(&meta.l1))
-            .await
-            .ctx("cannot write the L1 table")?;
-        self.file.flush().await.ctx("cannot flush the image")
     }
 
     /// Store `data` as VM state in new clusters and new L2 tables; returns the L1 entries
@@ -651,11 +574,11 @@ impl Image {
         &self,
         meta: &mut Meta,
         sw: &mut Switch,
+        mut l1: Vec<u64>,
         upto: usize,
     ) -> Result<(Vec<u64>, Vec<(usize, usize, Vec<u64>)>)> {
         let cb = self.geo.cluster_bits;
         let words = self.geo.entry_words();
-        let mut l1 = meta.l1.clone();
         let mut copies = Vec::new();
         for (i, e) in l1.iter_mut().enumerate().take(upto) {
             let Some(off) = self.l2_of(*e)? else {
@@ -703,10 +626,17 @@ impl Image {
             mut entries,
             active_upto,
             sn_l1,
+            active,
         } = plan;
         let cs = self.geo.cluster_size();
-        let (mut l1, copies) = self.retarget_active(meta, &mut sw, active_upto).await?;
-        let new_l1 = (l1 != meta.l1 || !copies.is_empty()).then(|| {
+        let (base, size) = match active {
+            Some((l1, size)) => (l1, Some(size)),
+            None => (meta.l1.clone(), None),
+        };
+        let (mut l1, copies) = self
+            .retarget_active(meta, &mut sw, base, active_upto)
+            .await?;
+        let new_l1 = (size.is_some() || l1 != meta.l1 || !copies.is_empty()).then(|| {
             let (off, bytes) = (meta.header.l1_table_offset, meta.l1.len() as u64 * 8);
             if bytes > 0 {
                 sw.free(off, bytes, cs);
@@ -737,6 +667,7 @@ impl Image {
         }
         contents[table] = snapshot_table::to_bytes(&entries)?;
         let tables = HeaderTables {
+            size: size.filter(|s| *s != meta.header.size),
             l1_size: l1.len() as u32,
             l1_offset: new_l1.map_or(meta.header.l1_table_offset, |t| placed.offsets[t]),
             nb_snapshots: entries.len() as u32,

@@ -15,7 +15,8 @@
 //!    after the switch: the new clusters counted, the clusters the switch replaces (old
 //!    tables, old refcount blocks, the old refcount table) counted free.
 //! 3. A flush; then the header's bytes 36..72 (L1 size and offset, refcount table offset and
-//!    size, snapshot count and offset), which lie in its first sector, in one write; a flush.
+//!    size, snapshot count and offset; from byte 24 when the virtual size changes too), which
+//!    lie in its first sector, in one write; a flush.
 //!
 //! A crash before the header write leaves the old image, in which the new clusters are free
 //! space (refcount 0) that nothing names; a crash after it, the new image. Neither holds a
@@ -32,6 +33,8 @@ use crate::l2::words_to_be;
 use crate::refcount::{read_entry, write_entry, OffsetHash, Refcounts};
 use crate::storage::Storage;
 
+/// Header offset of the virtual disk size, which a revert may change with the tables.
+const HEADER_SIZE: u64 = 24;
 /// Header offset of `l1_size`; the table fields a switch writes end at byte 72.
 const HEADER_TABLES: u64 = 36;
 /// Placement attempts before giving up (each one only grows the refcount area).
@@ -97,6 +100,9 @@ pub(crate) struct Placed {
 /// The header's L1 and snapshot table fields after a switch.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct HeaderTables {
+    /// A new virtual disk size (a revert to a snapshot of another size): the write then
+    /// starts at the size field (byte 24; the encryption method between stays 0).
+    pub size: Option<u64>,
     pub l1_size: u32,
     pub l1_offset: u64,
     pub nb_snapshots: u32,
@@ -317,14 +323,22 @@ impl Image {
         file.flush().await.ctx("cannot flush the image")?;
         let cs = self.geo.cluster_size();
         let rt_clusters = (placed.table.len() as u64 * 8).div_ceil(cs) as u32;
-        let mut field = Vec::with_capacity(36);
+        let mut field = Vec::with_capacity(48);
+        if let Some(size) = tables.size {
+            field.extend_from_slice(&size.to_be_bytes());
+            field.extend_from_slice(&0u32.to_be_bytes());
+        }
         field.extend_from_slice(&tables.l1_size.to_be_bytes());
         field.extend_from_slice(&tables.l1_offset.to_be_bytes());
         field.extend_from_slice(&placed.table_offset.to_be_bytes());
         field.extend_from_slice(&rt_clusters.to_be_bytes());
         field.extend_from_slice(&tables.nb_snapshots.to_be_bytes());
         field.extend_from_slice(&tables.snapshots_offset.to_be_bytes());
-        let written = match file.write_at(HEADER_TABLES, &field).await {
+        let at = match tables.size {
+            Some(_) => HEADER_SIZE,
+            None => HEADER_TABLES,
+        };
+        let written = match file.write_at(at, &field).await {
             Ok(()) => file.flush().await,
             Err(e) => Err(e),
         };
@@ -349,6 +363,10 @@ impl Image {
             meta.rc
                 .protected
                 .push((tables.l1_offset, tables.l1_offset + bytes));
+        }
+        if let Some(size) = tables.size {
+            meta.header.size = size;
+            self.size.store(size, Ordering::Release);
         }
         let h = &mut meta.header;
         h.l1_size = tables.l1_size;

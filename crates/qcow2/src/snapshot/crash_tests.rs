@@ -1,4 +1,4 @@
-//! Crash points of snapshot creation and deletion: every image a crash can leave (each
+//! Crash points of snapshot creation, deletion and revert: every image a crash can leave (each
 //! prefix of the writes, and each write alone on top of the last flush) passes `qemu-img
 //! check` without corruption, lists the snapshot entirely or not at all, and holds the same
 //! guest data in the active layer and in every snapshot it lists.
@@ -148,4 +148,73 @@ async fn crash_during_delete_of_its_own_snapshot_leaves_no_corruption() {
     for state in distinct(states) {
         check_state(dir.path(), &state, &["old"], &expected);
     }
+}
+
+/// Whether the active layer of the image `img` holds the guest data of the raw file `raw`
+/// (the same virtual size included).
+fn active_is(img: &str, raw: &str) -> bool {
+    let info = tool("qemu-img", &["info", "--output=json", "-f", "qcow2", img]);
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout).unwrap();
+    let size = std::fs::metadata(raw).unwrap().len();
+    info["virtual-size"].as_u64() == Some(size) && same_data(img, "qcow2", raw)
+}
+
+/// Whether `left` (in `format`) and the raw file `right` hold the same data.
+fn same_data(left: &str, format: &str, right: &str) -> bool {
+    std::process::Command::new("qemu-img")
+        .args(["compare", "-q", "-f", format, "-F", "raw", left, right])
+        .status()
+        .expect("qemu-img is needed (install qemu-utils)")
+        .success()
+}
+
+/// Every crash state of reverting the image `base` to "old": no corruption, "old" still
+/// listed with its data, the active layer either as before or as "old" (both seen), and
+/// "old" in the end.
+async fn check_revert_crashes(dir: &Path, base: Vec<u8>, before: &str) {
+    let states = crashes_of(&base, |image| async move {
+        image.revert_snapshot("old").await.unwrap();
+        image.close().await.unwrap();
+    })
+    .await;
+    let last = states.last().cloned().unwrap();
+    let (old, img) = (path(dir, "old.raw"), path(dir, "state.qcow2"));
+    let mut seen = HashSet::new();
+    for state in distinct(states) {
+        std::fs::write(&img, &state).unwrap();
+        assert_no_corruption(&img);
+        assert_eq!(snapshot_names(&img), ["old"]);
+        let got = path(dir, "snapshot.raw");
+        raw_of(&img, Some("old"), &got);
+        assert!(same_data(&got, "raw", &old), "the snapshot changed");
+        let reverted = active_is(&img, &old);
+        assert!(reverted || active_is(&img, before), "a mixed active layer");
+        seen.insert(reverted);
+    }
+    std::fs::write(&img, &last).unwrap();
+    assert!(active_is(&img, &old), "not reverted in the end");
+    assert_eq!(seen.len(), 2);
+}
+
+#[tokio::test]
+async fn crash_during_revert_leaves_the_image_before_or_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = qemu_image(dir.path());
+    let before = path(dir.path(), "active.raw");
+    check_revert_crashes(dir.path(), base, &before).await;
+}
+
+#[tokio::test]
+async fn crash_during_revert_to_another_size_leaves_the_image_before_or_after() {
+    let dir = tempfile::tempdir().unwrap();
+    qemu_image(dir.path());
+    let img = path(dir.path(), "base.qcow2");
+    tool("qemu-img", &["resize", "-q", &img, "384K"]);
+    tool(
+        "qemu-io",
+        &["-f", "qcow2", "-c", "write -P 0x44 256k 128k", &img],
+    );
+    let before = path(dir.path(), "grown.raw");
+    raw_of(&img, None, &before);
+    check_revert_crashes(dir.path(), std::fs::read(&img).unwrap(), &before).await;
 }
