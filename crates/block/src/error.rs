@@ -52,8 +52,20 @@ pub enum Error {
     #[error("Making '{child}' a {role} child of '{parent}' would create a cycle")]
     Cycle {
         child: String,
-        role: &'static str,
+        role: String,
         parent: String,
+    },
+    /// An overlay cannot take the node's place for this parent: its driver cannot change
+    /// the child (blockd's own message; QEMU moves every parent).
+    #[error(
+        "Cannot replace node '{node}': it is the '{role}' child of node '{parent}', \
+         and a {driver} node cannot change its children"
+    )]
+    ChildNotReplaceable {
+        node: String,
+        role: String,
+        parent: String,
+        driver: &'static str,
     },
     #[error("Node '{0}' is busy: node is drained")]
     Busy(String),
@@ -182,7 +194,8 @@ impl Error {
             | OperationNotSupported
             | UnsupportedPreallocation(_)
             | AmendNotSupported
-            | AmendChangesDriver => ErrorKind::NotSupported,
+            | AmendChangesDriver
+            | ChildNotReplaceable { .. } => ErrorKind::NotSupported,
             _ => ErrorKind::InvalidArgument,
         }
     }

@@ -812,7 +812,7 @@ impl BlockGraph {
         // A parent that reads the node as its backing file writes nothing through it, so it
         // may keep reading the node directly: a filter only has to see writes. Any other
         // node parent would bypass the filter.
-        if let Some(parent) = writing_node_parent(&parents, None) {
+        if let Some(parent) = writing_node_parent(&parents) {
             return Err(Error::FormatOption(format!(
                 "Cannot insert a filter above node '{below}': it is a child of node '{parent}'"
             )));
@@ -830,8 +830,12 @@ impl BlockGraph {
             ..node.flags()
         };
         let filter = Arc::new(Node::new(name.clone(), true, driver, flags, children));
+        let users: Vec<ParentEdge> = parents
+            .into_iter()
+            .filter(|e| matches!(e.key, ParentKey::User(_)))
+            .collect();
         node.gate().drain().await;
-        let result = self.move_users(&node, &filter, &parents);
+        let result = self.move_parents(&node, &filter, &users);
         let result = result.and_then(|()| {
             for child in filter.children() {
                 let key = ParentKey::Node(name.clone());
@@ -852,7 +856,7 @@ impl BlockGraph {
             for child in filter.children() {
                 remove_edge(&child.node, ParentKey::Node(name.clone()));
             }
-            let _ = self.move_users(&filter, &node, &filter.parents());
+            let _ = self.move_parents(&filter, &node, &users);
             node.gate().undrain();
             return Err(err);
         }
@@ -861,8 +865,6 @@ impl BlockGraph {
         Ok(filter)
     }
 
-    /// Moves the users among `edges` (the parent edges of `from`) onto `to`. A user whose
-    /// edge does not fit on `to` stays where it was and the error is returned.
     /// Makes node `name` read-only (QEMU reopens a snapshot's old image so): it takes
     /// no write on its file any more.
     pub fn reopen_read_only(&mut self, name: &str) -> Result<()> {
@@ -872,46 +874,104 @@ impl BlockGraph {
         reopen_subtree_read_only(&node)
     }
 
-    /// Puts node `to` in the place of node `from` for every user of `from` (exports, jobs),
-    /// under a drain of `from`: what an external snapshot does with its new overlay, and
-    /// what undoing it does the other way. Node parents other than `to` itself (and
-    /// parents reading `from` as a backing file) would keep using `from`, so they refuse.
-    pub async fn replace_for_users(&mut self, from: &str, to: &str) -> Result<()> {
-        let old = self
-            .get(from)
-            .ok_or_else(|| Error::NodeNotFound(from.to_string()))?;
-        let new = self
-            .get(to)
-            .ok_or_else(|| Error::NodeNotFound(to.to_string()))?;
-        let parents = old.parents();
-        if let Some(parent) = writing_node_parent(&parents, Some(to)) {
-            return Err(Error::FormatOption(format!(
-                "Cannot replace node '{from}': it is a child of node '{parent}'"
-            )));
-        }
-        old.gate().drain().await;
-        let result = self.move_users(&old, &new, &parents);
-        old.gate().undrain();
-        result
-    }
-
-    fn move_users(&self, from: &Arc<Node>, to: &Arc<Node>, edges: &[ParentEdge]) -> Result<()> {
-        let users = self.live_users();
+    /// Moves the parent edges `edges` of `from` (users, and node parents whose drivers can
+    /// re-point the child) onto `to`, all or nothing: each edge is checked on `to` as it
+    /// comes off `from`, and only when every one fits do the users and the parents' drivers
+    /// switch over. The caller drained the node parents, then `from`.
+    fn move_parents(&self, from: &Arc<Node>, to: &Arc<Node>, edges: &[ParentEdge]) -> Result<()> {
+        let mut placed: Vec<&ParentEdge> = Vec::new();
+        let mut failed = None;
         for edge in edges {
-            let ParentKey::User(id) = edge.key else {
-                continue;
-            };
             remove_edge(from, edge.key.clone());
             if let Err(err) = update_edge(to, edge.key.clone(), Some(edge.clone())) {
+                failed = Some(err);
                 // It held this edge a moment ago, so it fits again.
                 let _ = update_edge(from, edge.key.clone(), Some(edge.clone()));
-                return Err(err);
+                break;
             }
-            if let Some(user) = users.iter().find(|u| u.id == id) {
-                user.set_node(to.clone());
+            placed.push(edge);
+        }
+        if failed.is_none() {
+            failed = self.switch_parents(from, to, edges).err();
+        }
+        let Some(err) = failed else {
+            return Ok(());
+        };
+        for edge in placed.into_iter().rev() {
+            remove_edge(to, edge.key.clone());
+            let _ = update_edge(from, edge.key.clone(), Some(edge.clone()));
+        }
+        Err(err)
+    }
+
+    /// Points the users and node parents among `edges` at `to` (their edges are there);
+    /// a driver that refuses puts back the ones switched before it.
+    fn switch_parents(&self, from: &Arc<Node>, to: &Arc<Node>, edges: &[ParentEdge]) -> Result<()> {
+        let users = self.live_users();
+        for (i, edge) in edges.iter().enumerate() {
+            if let Err(err) = self.switch_parent(&users, edge, to) {
+                for edge in edges[..i].iter().rev() {
+                    // The driver took this child before the switch, so it takes it again.
+                    let _ = self.switch_parent(&users, edge, from);
+                }
+                return Err(err);
             }
         }
         Ok(())
+    }
+
+    fn switch_parent(
+        &self,
+        users: &[Arc<UserRecord>],
+        edge: &ParentEdge,
+        to: &Arc<Node>,
+    ) -> Result<()> {
+        match &edge.key {
+            ParentKey::User(id) => {
+                if let Some(user) = users.iter().find(|u| u.id == *id) {
+                    user.set_node(to.clone());
+                }
+            }
+            ParentKey::Node(name) => {
+                let parent = self
+                    .get(name)
+                    .ok_or_else(|| Error::NodeNotFound(name.clone()))?;
+                parent.driver().replace_child(&edge.role, to.clone())?;
+                parent.set_child_node(&edge.role, to.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Puts node `to` in the place of node `from` for the parents `edges` of `from`
+    /// (see [`Self::move_parents`]): requests already inside a node parent finish on
+    /// `from`, so the parents are drained first, then `from`, and reopened after the switch.
+    pub(crate) async fn replace_node(
+        &self,
+        from: &Arc<Node>,
+        to: &Arc<Node>,
+        edges: &[ParentEdge],
+    ) -> Result<()> {
+        let parents: Vec<Arc<Node>> = edges
+            .iter()
+            .filter_map(|e| match &e.key {
+                ParentKey::Node(name) => Some(
+                    self.get(name)
+                        .ok_or_else(|| Error::NodeNotFound(name.clone())),
+                ),
+                ParentKey::User(_) => None,
+            })
+            .collect::<Result<_>>()?;
+        for parent in &parents {
+            parent.gate().drain().await;
+        }
+        from.gate().drain().await;
+        let result = self.move_parents(from, to, edges);
+        from.gate().undrain();
+        for parent in parents.iter().rev() {
+            parent.gate().undrain();
+        }
+        result
     }
 
     /// Removes a filter that [`BlockGraph::insert_filter`] put in: its users go back to the
@@ -1042,13 +1102,12 @@ impl BlockGraph {
     }
 }
 
-/// Sets the edges from `node` to its children from `node`'s current parents.
-/// A node parent (other than `except`) that could write through the node: one that does
-/// not merely read it as its backing file. Such a parent would bypass a filter or an
-/// overlay put in the node's place, since only users move.
-fn writing_node_parent<'a>(parents: &'a [ParentEdge], except: Option<&str>) -> Option<&'a str> {
+/// A node parent that could write through the node: one that does not merely read it as
+/// its backing file. Such a parent would bypass a filter put above the node, since only
+/// users move onto a filter.
+fn writing_node_parent(parents: &[ParentEdge]) -> Option<&str> {
     parents.iter().find_map(|e| match &e.key {
-        ParentKey::Node(n) if e.role != "backing" && Some(n.as_str()) != except => Some(n.as_str()),
+        ParentKey::Node(n) if e.role != "backing" => Some(n.as_str()),
         _ => None,
     })
 }
@@ -1066,6 +1125,7 @@ fn reopen_subtree_read_only(node: &Arc<Node>) -> Result<()> {
     Ok(())
 }
 
+/// Sets the edges from `node` to its children from `node`'s current parents.
 fn recompute_children(node: &Arc<Node>) -> Result<()> {
     let parents = node.parents();
     let (perm, shared) = cumulative(&parents);

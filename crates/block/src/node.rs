@@ -68,8 +68,9 @@ pub struct Node {
     implicit: bool,
     driver: Box<dyn BlockDriver>,
     flags: NodeFlags,
-    /// Fixed at open, except the `backing` child: an overlay gets one (or loses it again)
-    /// under a drain through [`crate::BlockGraph::attach_backing`].
+    /// Fixed at open, except that an overlay gets a `backing` child (or loses it again)
+    /// and a child can be replaced by an overlay put in its place, both under a drain
+    /// (see [`crate::BlockGraph::append_overlay`]).
     children: RwLock<Vec<Child>>,
     parents: Mutex<Vec<ParentEdge>>,
     gate: Gate,
@@ -308,6 +309,15 @@ impl Node {
                     role: ChildRole::Cow,
                 },
             );
+        }
+    }
+
+    /// Points child edge `role_name` at `node` (an overlay took the child's place, or the
+    /// child came back); the graph keeps the driver and the parent edges in step.
+    pub(crate) fn set_child_node(&self, role_name: &str, node: Arc<Node>) {
+        let mut children = self.write_children();
+        if let Some(child) = children.iter_mut().find(|c| c.name == role_name) {
+            child.node = node;
         }
     }
 

@@ -66,6 +66,7 @@ scenarios!(
     snapshot_external,
     snapshot_internal,
     snapshot_jobs,
+    snapshot_parents,
     transaction,
 );
 

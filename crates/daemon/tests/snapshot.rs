@@ -2,8 +2,9 @@
 //! client writes through an NBD export, the chain as `qemu-img info --backing-chain` sees
 //! it, each write in the base or the overlay according to when it was acknowledged (for
 //! `blockdev-snapshot-sync` and for `blockdev-snapshot` with an overlay added by
-//! `blockdev-add`), and `mode: existing` with an overlay made by qemu-img. Internal
-//! snapshots: blockd killed with SIGKILL at varied moments of
+//! `blockdev-add`, and for a `raw` node opened on the base and exported in its place,
+//! which moves onto the overlay with its client), and `mode: existing` with an overlay made
+//! by qemu-img. Internal snapshots: blockd killed with SIGKILL at varied moments of
 //! `blockdev-snapshot-internal-sync` and `blockdev-snapshot-delete-internal-sync` leaves an
 //! image `qemu-img check` passes, holding the snapshot entirely or not at all.
 
@@ -27,8 +28,9 @@ fn blockd() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_blockd"))
 }
 
-/// blockd with `base.qcow2` (filled with 0x11) as node `base`, exported writable as `disk`.
-fn start(dir: &Path) -> (Daemon, Qmp, String) {
+/// blockd with `base.qcow2` (filled with 0x11) as node `base`, exported writable as `disk`:
+/// directly, or with `through_raw` through a `raw` node `r` opened on it.
+fn start(dir: &Path, through_raw: bool) -> (Daemon, Qmp, String) {
     let base = path(dir, "base.qcow2");
     tool("qemu-img", &["create", "-q", "-f", "qcow2", &base, "8M"]);
     tool(
@@ -36,16 +38,23 @@ fn start(dir: &Path) -> (Daemon, Qmp, String) {
         &["-f", "qcow2", "-c", "write -P 0x11 0 8M", &base],
     );
     let sock = path(dir, "nbd.sock");
-    let args = [
+    let mut args = vec![
         "--blockdev".to_string(),
         format!("driver=file,node-name=bf,filename={base}"),
         "--blockdev".to_string(),
         "driver=qcow2,node-name=base,file=bf".to_string(),
+    ];
+    if through_raw {
+        args.push("--blockdev".to_string());
+        args.push("driver=raw,node-name=r,file=base".to_string());
+    }
+    let exported = if through_raw { "r" } else { "base" };
+    args.extend([
         "--nbd-server".to_string(),
         format!("addr.type=unix,addr.path={sock}"),
         "--export".to_string(),
-        "type=nbd,id=e0,node-name=base,name=disk,writable=on".to_string(),
-    ];
+        format!("type=nbd,id=e0,node-name={exported},name=disk,writable=on"),
+    ]);
     let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
     let qmp = daemon.qmp().expect("monitor answers");
     wait_path(&sock, LIMIT);
@@ -70,14 +79,15 @@ fn holds(image: &str, fmt: &str, i: usize, byte: u8) -> bool {
 
 /// Writes 40 blocks through the export, one request at a time, while `take` puts node
 /// `top` (whose image it returns) above `base` once a quarter of them are acknowledged;
-/// the last quarter waits for it. Then checks that the export moved and the old node is
-/// read-only, and, after blockd quit, both images, the chain qemu-img sees, and that each
-/// write is in the chain, and in the base exactly when it was acknowledged before the
+/// the last quarter waits for it. Then checks that the export moved (or, `through_raw`,
+/// that it stayed on the raw node and the raw node now reads the overlay) and the old node
+/// is read-only, and, after blockd quit, both images, the chain qemu-img sees, and that
+/// each write is in the chain, and in the base exactly when it was acknowledged before the
 /// snapshot was asked for (so the base holds what the disk held at that moment).
-fn snapshot_while_a_client_writes(take: impl FnOnce(&Path, &mut Qmp) -> String) {
+fn snapshot_while_a_client_writes(through_raw: bool, take: impl FnOnce(&Path, &mut Qmp) -> String) {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (mut daemon, mut qmp, uri) = start(d);
+    let (mut daemon, mut qmp, uri) = start(d, through_raw);
     let done = Arc::new(AtomicUsize::new(0));
     let snapshotted = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let times = Arc::new(Mutex::new(Vec::new()));
@@ -108,20 +118,35 @@ fn snapshot_while_a_client_writes(take: impl FnOnce(&Path, &mut Qmp) -> String) 
     snapshotted.store(true, Ordering::SeqCst);
     writer.join().expect("the writer finishes");
     let exports = qmp.execute("query-block-exports", json!({})).unwrap();
-    assert_eq!(
-        exports[0]["node-name"], "top",
-        "the export moved to the overlay"
-    );
     let nodes = qmp
         .execute("query-named-block-nodes", json!({"flat": true}))
         .unwrap();
-    let base_ro = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node-name"] == "base")
-        .map(|n| n["ro"].clone());
-    assert_eq!(base_ro, Some(Value::Bool(true)));
+    let node = |name: &str| {
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node-name"] == name)
+            .cloned()
+            .unwrap_or_default()
+    };
+    if through_raw {
+        assert_eq!(
+            exports[0]["node-name"], "r",
+            "the export stays on the raw node"
+        );
+        let file = node("r")["file"].as_str().unwrap_or_default().to_string();
+        assert!(
+            file.starts_with("json:") && file.contains(&overlay),
+            "the raw node reads the overlay: {file}"
+        );
+    } else {
+        assert_eq!(
+            exports[0]["node-name"], "top",
+            "the export moved to the overlay"
+        );
+    }
+    assert_eq!(node("base")["ro"], Value::Bool(true));
     let _ = qmp.execute("quit", json!({}));
     daemon.wait_exit(LIMIT).expect("blockd exits");
 
@@ -170,22 +195,33 @@ fn snapshot_while_a_client_writes(take: impl FnOnce(&Path, &mut Qmp) -> String) 
 
 #[test]
 fn an_overlay_goes_in_while_a_client_writes() {
-    snapshot_while_a_client_writes(|d, qmp| {
-        let overlay = path(d, "overlay.qcow2");
-        qmp.execute(
-            "blockdev-snapshot-sync",
-            json!({"node-name": "base", "snapshot-file": overlay, "snapshot-node-name": "top"}),
-        )
-        .expect("blockdev-snapshot-sync");
-        overlay
-    });
+    snapshot_while_a_client_writes(false, snapshot_sync);
+}
+
+/// The client writes through a `raw` node opened on the base: the raw node, a parent
+/// of the base, moves onto the overlay, and no write that was inside it when the snapshot
+/// was asked for reaches the base afterwards.
+#[test]
+fn a_raw_node_over_the_base_moves_onto_the_overlay_while_a_client_writes() {
+    snapshot_while_a_client_writes(true, snapshot_sync);
+}
+
+/// `blockdev-snapshot-sync` of `base` with a new overlay `top`.
+fn snapshot_sync(d: &Path, qmp: &mut Qmp) -> String {
+    let overlay = path(d, "overlay.qcow2");
+    qmp.execute(
+        "blockdev-snapshot-sync",
+        json!({"node-name": "base", "snapshot-file": overlay, "snapshot-node-name": "top"}),
+    )
+    .expect("blockdev-snapshot-sync");
+    overlay
 }
 
 /// `blockdev-snapshot`: the overlay is made by qemu-img naming the base as its backing
 /// file and added with `backing: null` while the client writes.
 #[test]
 fn an_added_overlay_goes_in_while_a_client_writes() {
-    snapshot_while_a_client_writes(|d, qmp| {
+    snapshot_while_a_client_writes(false, |d, qmp| {
         let overlay = path(d, "added.qcow2");
         made_by_qemu_img(d, &overlay);
         qmp.execute(
@@ -218,7 +254,7 @@ fn made_by_qemu_img(d: &Path, overlay: &str) {
 fn mode_existing_uses_an_overlay_made_by_qemu_img() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let (mut daemon, mut qmp, uri) = start(d);
+    let (mut daemon, mut qmp, uri) = start(d, false);
     let base = path(d, "base.qcow2");
     let overlay = path(d, "made.qcow2");
     made_by_qemu_img(d, &overlay);

@@ -8,7 +8,8 @@
 //!
 //! Opening follows QEMU's order: the limits must not be negative, the config file and
 //! the rules are read, the child is opened, then the limits are checked against the
-//! child's alignment; the node raises `none` on itself once it is open.
+//! child's alignment; the node raises `none` on itself once it is open. The child can be
+//! re-pointed after open (an overlay put in its place by an external snapshot).
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
@@ -16,7 +17,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use super::{BlockDriver, DriverInfo, Extent, WriteFlags, ZeroFlags};
+use super::{BlockDriver, ChildSlot, DriverInfo, Extent, WriteFlags, ZeroFlags};
 use crate::debug::{DebugEvent, IoType};
 use crate::error::{Errno, Error, Result};
 use crate::filename::{bucket, Filename};
@@ -167,7 +168,7 @@ impl Prepared {
             limits.discard_align.max(base),
         )?;
         let driver = BlkdebugDriver {
-            child,
+            child: ChildSlot::new(child),
             opts: self.opts,
             rules: self.rules,
             limits,
@@ -182,7 +183,7 @@ impl Prepared {
 /// The `blkdebug` driver over its `image` child.
 #[derive(Debug)]
 pub struct BlkdebugDriver {
-    child: Arc<Node>,
+    child: ChildSlot,
     opts: BlkdebugOptions,
     rules: Rules,
     limits: Limits,
@@ -248,7 +249,10 @@ impl BlkdebugDriver {
         for (at, len) in pieces(buf.len() as u64, self.limits.max_transfer) {
             let range = to_usize(at)?..to_usize(at + len)?;
             if self.rule_check(offset + at, len, IoType::Read).await? {
-                self.child.read_padded(offset + at, &mut buf[range]).await?;
+                self.child
+                    .get()
+                    .read_padded(offset + at, &mut buf[range])
+                    .await?;
             }
         }
         Ok(())
@@ -259,7 +263,10 @@ impl BlkdebugDriver {
         for (at, len) in pieces(buf.len() as u64, self.limits.max_transfer) {
             let range = to_usize(at)?..to_usize(at + len)?;
             if self.rule_check(offset + at, len, IoType::Write).await? {
-                self.child.write(offset + at, &buf[range], flags).await?;
+                self.child
+                    .get()
+                    .write(offset + at, &buf[range], flags)
+                    .await?;
             }
         }
         Ok(())
@@ -314,7 +321,7 @@ impl BlkdebugDriver {
     async fn zero_piece(&self, offset: u64, len: u64, flags: ZeroFlags, align: u64) -> Result<()> {
         if len >= align {
             if self.rule_check(offset, len, IoType::WriteZeroes).await? {
-                self.child.write_zeroes(offset, len, flags).await?;
+                self.child.get().write_zeroes(offset, len, flags).await?;
             }
             return Ok(());
         }
@@ -355,8 +362,12 @@ impl BlockDriver for BlkdebugDriver {
         "blkdebug"
     }
 
+    fn is_protocol(&self) -> bool {
+        true
+    }
+
     fn size(&self) -> u64 {
-        self.child.size()
+        self.child.get().size()
     }
 
     fn alignment(&self) -> u64 {
@@ -453,7 +464,7 @@ impl BlockDriver for BlkdebugDriver {
             // Pieces smaller than the request alignment are dropped, as QEMU drops the
             // "not supported" answer of a discard.
             if num >= req && self.rule_check(offset, num, IoType::Discard).await? {
-                self.child.discard(offset, num).await?;
+                self.child.get().discard(offset, num).await?;
             }
             offset += num;
             bytes -= num;
@@ -468,23 +479,23 @@ impl BlockDriver for BlkdebugDriver {
         {
             return Ok(());
         }
-        self.child.flush().await?;
+        self.child.get().flush().await?;
         self.flushed_gen.store(generation, Ordering::SeqCst);
         Ok(())
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
         self.rule_check(offset, len, IoType::BlockStatus).await?;
-        self.child.block_status(offset, len).await
+        self.child.get().block_status(offset, len).await
     }
 
     async fn truncate(&self, size: u64) -> Result<()> {
         self.wrote();
-        self.child.truncate(size).await
+        self.child.get().truncate(size).await
     }
 
     fn filename(&self) -> Filename {
-        let child = self.child.driver().filename();
+        let child = self.child.get().driver().filename();
         let o = &self.opts;
         // The strong options as QEMU copies them into the node's full options: in schema
         // order, with lists flattened (`inject-error.0.event`); `driver` and `image` are
@@ -544,7 +555,7 @@ impl BlockDriver for BlkdebugDriver {
 
     /// As QEMU's filters: the child's dirty flag and cluster size, nothing else.
     fn info(&self) -> DriverInfo {
-        let child = self.child.driver().info();
+        let child = self.child.get().driver().info();
         DriverInfo {
             dirty_flag: child.dirty_flag,
             cluster_size: child.cluster_size,
@@ -554,6 +565,15 @@ impl BlockDriver for BlkdebugDriver {
 
     fn debug_event(&self, event: DebugEvent) {
         self.rules.event(event);
+    }
+
+    fn can_replace_child(&self, role_name: &str) -> bool {
+        role_name == "image"
+    }
+
+    /// QEMU checks no limits against the new child either.
+    fn replace_child(&self, role_name: &str, node: Arc<Node>) -> Result<()> {
+        self.child.replace("image", role_name, node)
     }
 }
 

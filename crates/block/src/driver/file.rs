@@ -346,6 +346,10 @@ impl BlockDriver for FileDriver {
         "file"
     }
 
+    fn is_protocol(&self) -> bool {
+        true
+    }
+
     fn size(&self) -> u64 {
         self.size.load(Ordering::Acquire)
     }

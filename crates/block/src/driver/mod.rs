@@ -4,10 +4,12 @@
 
 use async_trait::async_trait;
 use std::fmt;
+use std::sync::{Arc, RwLock};
 
 use crate::debug::DebugEvent;
 use crate::error::{Error, Result};
 use crate::filename::Filename;
+use crate::node::Node;
 use crate::perm::Perm;
 
 pub mod blkdebug;
@@ -19,6 +21,45 @@ pub mod qcow2;
 pub mod raw;
 #[cfg(test)]
 mod tests;
+
+/// A child a driver reaches through a slot the graph can re-point after open (an overlay
+/// put in the child's place): each use takes one read lock and one reference count, and a
+/// request keeps the node it took to its end.
+#[derive(Debug)]
+pub struct ChildSlot(RwLock<Arc<Node>>);
+
+impl ChildSlot {
+    /// A slot holding `node`.
+    pub fn new(node: Arc<Node>) -> Self {
+        Self(RwLock::new(node))
+    }
+
+    /// The child now.
+    pub fn get(&self) -> Arc<Node> {
+        match self.0.read() {
+            Ok(guard) => guard.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Makes `node` the child from now on.
+    pub fn set(&self, node: Arc<Node>) {
+        match self.0.write() {
+            Ok(mut guard) => *guard = node,
+            Err(poisoned) => *poisoned.into_inner() = node,
+        }
+    }
+
+    /// [`BlockDriver::replace_child`] for a driver whose only child is this one, named
+    /// `own`.
+    pub fn replace(&self, own: &str, role_name: &str, node: Arc<Node>) -> Result<()> {
+        if role_name != own {
+            return Err(Error::OperationNotSupported);
+        }
+        self.set(node);
+        Ok(())
+    }
+}
 
 /// Flags of a data write.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -120,6 +161,12 @@ pub struct DirtyBitmapInfo {
 pub trait BlockDriver: Send + Sync + fmt::Debug {
     /// The driver name as QMP spells it (`file`, `raw`, `null-co`).
     fn name(&self) -> &'static str;
+    /// Whether the driver is a protocol (QEMU's drivers with a protocol name: `file`,
+    /// `null-co`, `blkdebug`): a format node over a protocol node may show the child's plain
+    /// filename as its own, over anything else it shows `json:{...}`.
+    fn is_protocol(&self) -> bool {
+        false
+    }
     /// Current virtual size in bytes.
     fn size(&self) -> u64;
     /// Alignment requests must have to reach the host unchanged (1 = any).
@@ -174,7 +221,7 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     fn debug_event(&self, _event: DebugEvent) {}
     /// The point-in-time view a copy-before-write filter keeps, which `snapshot-access`
     /// nodes above it read.
-    fn snapshot(&self) -> Option<std::sync::Arc<cbw::CbwState>> {
+    fn snapshot(&self) -> Option<Arc<cbw::CbwState>> {
         None
     }
     /// Whether the format can have a backing file, so one can be attached after open.
@@ -183,8 +230,19 @@ pub trait BlockDriver: Send + Sync + fmt::Debug {
     }
     /// Reads unallocated ranges from `backing` from now on (with `None`, from nothing):
     /// the graph calls this with the node drained and the child edge in place.
-    fn replace_backing(&self, _backing: Option<std::sync::Arc<crate::Node>>) -> Result<()> {
+    fn replace_backing(&self, _backing: Option<Arc<Node>>) -> Result<()> {
         Err(Error::BackingNotSupported)
+    }
+    /// Whether [`Self::replace_child`] can re-point child `role_name`: the graph asks
+    /// before it changes anything.
+    fn can_replace_child(&self, _role_name: &str) -> bool {
+        false
+    }
+    /// Uses `node` as child `role_name` from now on (an overlay taking the child's place,
+    /// or the child coming back when that is undone): the graph calls this with this node
+    /// and the old child drained and the parent edge already on `node`.
+    fn replace_child(&self, _role_name: &str, _node: Arc<Node>) -> Result<()> {
+        Err(Error::OperationNotSupported)
     }
     /// Whether the driver implements `x-blockdev-amend`.
     fn can_amend(&self) -> bool {

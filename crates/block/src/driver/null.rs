@@ -53,6 +53,10 @@ impl BlockDriver for NullDriver {
         "null-co"
     }
 
+    fn is_protocol(&self) -> bool {
+        true
+    }
+
     fn size(&self) -> u64 {
         self.size
     }

@@ -2,7 +2,9 @@
 //!
 //! The image lives on the `file` child (and, for images with an external data file, on
 //! the `data-file` child); both are reached through [`NodeStorage`], which reads zeroes
-//! past a child's end and grows it for writes past its end, as the library expects.
+//! past a child's end and grows it for writes past its end, as the library expects. Both
+//! can be re-pointed after open (an overlay put in the child's place by an external
+//! snapshot): each storage call takes its node once.
 //! Ranges the image does not allocate are read from the `backing` child (zeroes past its
 //! end, or without one); partial-cluster writes copy from it through [`BackingReader`].
 //!
@@ -15,7 +17,9 @@ use std::io;
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
 
-use super::{BlockDriver, DriverInfo, Extent, FormatSpecific, Qcow2Info, WriteFlags, ZeroFlags};
+use super::{
+    BlockDriver, ChildSlot, DriverInfo, Extent, FormatSpecific, Qcow2Info, WriteFlags, ZeroFlags,
+};
 use crate::debug::DebugEvent;
 use crate::error::{Errno, Error, Result};
 use crate::filename::Filename;
@@ -29,7 +33,7 @@ const HEADER_CLUSTER_BITS: usize = 20;
 
 /// A child node seen as the library's byte storage.
 pub struct NodeStorage {
-    node: Arc<Node>,
+    node: ChildSlot,
     /// Ignore requests to shrink (`blockdev-create` writes a new image over whatever
     /// the node holds and, as QEMU, leaves the old tail in place).
     never_shrink: bool,
@@ -41,7 +45,7 @@ impl NodeStorage {
     /// Storage over `node`.
     pub fn new(node: Arc<Node>) -> Self {
         Self {
-            node,
+            node: ChildSlot::new(node),
             never_shrink: false,
             grow: tokio::sync::Mutex::new(()),
         }
@@ -53,6 +57,11 @@ impl NodeStorage {
             never_shrink: true,
             ..Self::new(node)
         }
+    }
+
+    /// The node now.
+    pub fn node(&self) -> Arc<Node> {
+        self.node.get()
     }
 }
 
@@ -69,47 +78,44 @@ fn io_error(err: Error) -> io::Error {
 #[async_trait]
 impl qcow2::Storage for NodeStorage {
     async fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.node.read_padded(offset, buf).await.map_err(io_error)
+        let node = self.node.get();
+        node.read_padded(offset, buf).await.map_err(io_error)
     }
 
     async fn write_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
-        if self
-            .node
-            .write_growing(offset, buf)
-            .await
-            .map_err(io_error)?
-        {
+        let node = self.node.get();
+        if node.write_growing(offset, buf).await.map_err(io_error)? {
             return Ok(());
         }
         {
             let _growing = self.grow.lock().await;
-            if end > self.node.size() {
-                self.node.truncate(end).await.map_err(io_error)?;
+            if end > node.size() {
+                node.truncate(end).await.map_err(io_error)?;
             }
         }
-        self.node
-            .write(offset, buf, WriteFlags::default())
+        node.write(offset, buf, WriteFlags::default())
             .await
             .map_err(io_error)
     }
 
     async fn flush(&self) -> io::Result<()> {
-        self.node.flush().await.map_err(io_error)
+        self.node.get().flush().await.map_err(io_error)
     }
 
     async fn len(&self) -> io::Result<u64> {
-        Ok(self.node.size())
+        Ok(self.node.get().size())
     }
 
     async fn set_len(&self, len: u64) -> io::Result<()> {
         let _growing = self.grow.lock().await;
-        if self.never_shrink && len <= self.node.size() {
+        let node = self.node.get();
+        if self.never_shrink && len <= node.size() {
             return Ok(());
         }
-        self.node.truncate(len).await.map_err(io_error)
+        node.truncate(len).await.map_err(io_error)
     }
 }
 
@@ -224,7 +230,10 @@ struct Backing {
 /// The `qcow2` driver.
 pub struct Qcow2Driver {
     image: qcow2::Image,
-    file: Arc<Node>,
+    /// The `file` child, shared with the image as its storage.
+    file: Arc<NodeStorage>,
+    /// The `data-file` child of an image with an external data file, likewise.
+    data_file: Option<Arc<NodeStorage>>,
     /// Set at open; an overlay added without one gets it later (`blockdev-snapshot`).
     /// Requests take a clone of the node once, so a swap under a drain is safe.
     backing: RwLock<Backing>,
@@ -238,7 +247,7 @@ pub struct Qcow2Driver {
 impl std::fmt::Debug for Qcow2Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Driver")
-            .field("file", &self.file.name())
+            .field("file", &self.file.node().name())
             .field(
                 "backing",
                 &self.backing_node().map(|b| b.name().to_string()),
@@ -273,13 +282,11 @@ impl Qcow2Driver {
             ));
         }
         let l2_cache_bytes = l2_cache_bytes(opts)?;
-        let data: Option<Arc<dyn qcow2::Storage>> = match data_file {
-            Some(node) => Some(Arc::new(NodeStorage::new(node))),
-            None => None,
-        };
-        let storage: Arc<dyn qcow2::Storage> = Arc::new(NodeStorage::new(file.clone()));
+        let data_file = data_file.map(|node| Arc::new(NodeStorage::new(node)));
+        let data = data_file.clone().map(|d| -> Arc<dyn qcow2::Storage> { d });
+        let file = Arc::new(NodeStorage::new(file));
         let image = qcow2::Image::open(
-            storage,
+            file.clone(),
             qcow2::OpenOptions {
                 read_only,
                 l2_cache_bytes,
@@ -296,6 +303,7 @@ impl Qcow2Driver {
         Ok(Self {
             image,
             file,
+            data_file,
             backing: RwLock::new(Backing::default()),
             header: Mutex::new(header),
             bitmap_dir: Mutex::new(bitmap_dir),
@@ -352,6 +360,15 @@ impl Qcow2Driver {
     fn backing_reader(&self) -> Option<BackingReader> {
         self.backing_node().map(BackingReader)
     }
+
+    /// The storage of child `role_name`, if the driver has one that can be re-pointed.
+    fn storage(&self, role_name: &str) -> Option<&NodeStorage> {
+        match role_name {
+            "file" => Some(&self.file),
+            "data-file" => self.data_file.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 #[async_trait]
@@ -367,7 +384,7 @@ impl BlockDriver for Qcow2Driver {
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         // Debug events go to the `file` child at request granularity (QEMU raises them
         // per cluster run, just before the data I/O).
-        self.file.debug_event(DebugEvent::ReadAio);
+        self.file.node().debug_event(DebugEvent::ReadAio);
         let holes = self.image.read(offset, buf).await.map_err(format_error)?;
         if holes.is_empty() {
             return Ok(());
@@ -375,7 +392,7 @@ impl BlockDriver for Qcow2Driver {
         let Some(backing) = self.backing_node() else {
             return Ok(());
         };
-        self.file.debug_event(DebugEvent::ReadBackingAio);
+        self.file.node().debug_event(DebugEvent::ReadBackingAio);
         for hole in holes {
             let (Ok(start), Ok(end)) = (
                 usize::try_from(hole.start.saturating_sub(offset)),
@@ -391,7 +408,7 @@ impl BlockDriver for Qcow2Driver {
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        self.file.debug_event(DebugEvent::WriteAio);
+        self.file.node().debug_event(DebugEvent::WriteAio);
         let reader = self.backing_reader();
         let backing = reader.as_ref().map(|r| r as &dyn qcow2::Backing);
         self.image
@@ -412,7 +429,7 @@ impl BlockDriver for Qcow2Driver {
         // One cluster at a time, as the format stores them.
         let cs = self.image.cluster_size() as usize;
         for (i, cluster) in buf.chunks(cs).enumerate() {
-            self.file.debug_event(DebugEvent::WriteCompressed);
+            self.file.node().debug_event(DebugEvent::WriteCompressed);
             self.image
                 .write_compressed(offset + (i * cs) as u64, cluster)
                 .await
@@ -473,7 +490,8 @@ impl BlockDriver for Qcow2Driver {
     }
 
     fn filename(&self) -> Filename {
-        let child = self.file.driver().filename();
+        let file = self.file.node();
+        let child = file.driver().filename();
         let mut options = Map::new();
         options.insert("driver".into(), Value::from("qcow2"));
         options.insert("file".into(), Value::Object(child.options));
@@ -486,7 +504,7 @@ impl BlockDriver for Qcow2Driver {
             options.insert("backing".into(), node);
         }
         Filename {
-            exact: if backing.overridden {
+            exact: if backing.overridden || !file.driver().is_protocol() {
                 None
             } else {
                 child.exact
@@ -540,13 +558,14 @@ impl BlockDriver for Qcow2Driver {
                 })
                 .collect(),
         };
-        let own_name = self.file.driver().filename().exact;
+        let file = self.file.node();
+        let own_name = file.driver().filename().exact;
         let full = header
             .backing_file
             .as_deref()
             .and_then(|name| resolve_relative(own_name.as_deref(), name));
         DriverInfo {
-            actual_size: self.file.driver().info().actual_size,
+            actual_size: file.driver().info().actual_size,
             dirty_flag: Some(header.is_dirty()),
             format_specific: Some(FormatSpecific::Qcow2(specific)),
             cluster_size: Some(self.image.cluster_size()),
@@ -576,6 +595,20 @@ impl BlockDriver for Qcow2Driver {
             node: backing,
             overridden,
         };
+        Ok(())
+    }
+
+    fn can_replace_child(&self, role_name: &str) -> bool {
+        self.storage(role_name).is_some()
+    }
+
+    /// The image's metadata stays cached: the new node shows the same bytes (an overlay
+    /// over the old child reads through to it).
+    fn replace_child(&self, role_name: &str, node: Arc<Node>) -> Result<()> {
+        let storage = self
+            .storage(role_name)
+            .ok_or(Error::OperationNotSupported)?;
+        storage.node.set(node);
         Ok(())
     }
 

@@ -1,12 +1,13 @@
 //! `raw`: the format driver that shows its `file` child unchanged, or a window of it
 //! (`offset`, `size`). It raises `read_aio` / `write_aio` on the child for every read and
-//! write, as QEMU does.
+//! write, as QEMU does. The child can be re-pointed after open (an overlay put in its
+//! place by an external snapshot).
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
 use std::sync::Arc;
 
-use super::{BlockDriver, DriverInfo, Extent, WriteFlags, ZeroFlags};
+use super::{BlockDriver, ChildSlot, DriverInfo, Extent, WriteFlags, ZeroFlags};
 use crate::debug::DebugEvent;
 use crate::error::{Error, Result};
 use crate::filename::Filename;
@@ -19,7 +20,7 @@ const SECTOR: u64 = 512;
 /// The `raw` driver over one child.
 #[derive(Debug)]
 pub struct RawDriver {
-    child: Arc<Node>,
+    child: ChildSlot,
     offset: u64,
     size: Option<u64>,
     given_offset: Option<u64>,
@@ -49,7 +50,7 @@ impl RawDriver {
             }
         }
         Ok(Self {
-            child,
+            child: ChildSlot::new(child),
             offset: start,
             size,
             given_offset: offset,
@@ -74,7 +75,7 @@ impl BlockDriver for RawDriver {
     }
 
     fn size(&self) -> u64 {
-        let available = self.child.size().saturating_sub(self.offset);
+        let available = self.child.get().size().saturating_sub(self.offset);
         match self.size {
             Some(size) => size.min(available),
             None => available,
@@ -82,31 +83,33 @@ impl BlockDriver for RawDriver {
     }
 
     async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        self.child.debug_event(DebugEvent::ReadAio);
-        self.child.read(self.offset + offset, buf).await
+        let child = self.child.get();
+        child.debug_event(DebugEvent::ReadAio);
+        child.read(self.offset + offset, buf).await
     }
 
     async fn write(&self, offset: u64, buf: &[u8], flags: WriteFlags) -> Result<()> {
-        self.child.debug_event(DebugEvent::WriteAio);
-        self.child.write(self.offset + offset, buf, flags).await
+        let child = self.child.get();
+        child.debug_event(DebugEvent::WriteAio);
+        child.write(self.offset + offset, buf, flags).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> Result<()> {
-        self.child
-            .write_zeroes(self.offset + offset, len, flags)
-            .await
+        let child = self.child.get();
+        child.write_zeroes(self.offset + offset, len, flags).await
     }
 
     async fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.child.discard(self.offset + offset, len).await
+        self.child.get().discard(self.offset + offset, len).await
     }
 
     async fn flush(&self) -> Result<()> {
-        self.child.flush().await
+        self.child.get().flush().await
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Extent> {
-        self.child.block_status(self.offset + offset, len).await
+        let child = self.child.get();
+        child.block_status(self.offset + offset, len).await
     }
 
     async fn truncate(&self, size: u64) -> Result<()> {
@@ -114,11 +117,12 @@ impl BlockDriver for RawDriver {
             return Err(Error::RawFixedSize);
         }
         let new = size.checked_add(self.offset).ok_or(Error::NegativeSize)?;
-        self.child.truncate(new).await
+        self.child.get().truncate(new).await
     }
 
     fn filename(&self) -> Filename {
-        let child = self.child.driver().filename();
+        let node = self.child.get();
+        let child = node.driver().filename();
         let mut options = Map::new();
         options.insert("driver".into(), Value::from("raw"));
         if let Some(offset) = self.given_offset {
@@ -127,7 +131,7 @@ impl BlockDriver for RawDriver {
         if let Some(size) = self.size {
             options.insert("size".into(), Value::from(size));
         }
-        let passthrough = options.len() == 1;
+        let passthrough = options.len() == 1 && node.driver().is_protocol();
         options.insert("file".into(), Value::Object(child.options));
         Filename {
             exact: if passthrough { child.exact } else { None },
@@ -135,12 +139,23 @@ impl BlockDriver for RawDriver {
         }
     }
 
+    /// The child's, as QEMU's raw format passes the question on.
     fn info(&self) -> DriverInfo {
+        let child = self.child.get().driver().info();
         DriverInfo {
-            actual_size: self.child.driver().info().actual_size,
-            dirty_flag: Some(false),
+            actual_size: child.actual_size,
+            dirty_flag: Some(child.dirty_flag.unwrap_or(false)),
+            cluster_size: child.cluster_size,
             format_specific: None,
             ..DriverInfo::default()
         }
+    }
+
+    fn can_replace_child(&self, role_name: &str) -> bool {
+        role_name == "file"
+    }
+
+    fn replace_child(&self, role_name: &str, node: Arc<Node>) -> Result<()> {
+        self.child.replace("file", role_name, node)
     }
 }

@@ -6,8 +6,10 @@
 //! backing node first, with the permissions a backing child of this node takes now, so a
 //! conflict changes nothing; then, under a drain of the overlay, the child list and the
 //! driver switch over. Appending an overlay to a node attaches the node as the overlay's
-//! backing child and moves the node's users onto the overlay; undoing it moves exactly
-//! those users back and detaches the backing child again.
+//! backing child and moves every other parent of the node onto the overlay: users
+//! (exports, jobs) and node parents (a `raw` or `blkdebug` node opened on top of it, a
+//! qcow2 node whose `file` it is), but not nodes that read it as their backing file.
+//! Undoing it moves exactly those parents back and detaches the backing child again.
 
 use std::sync::Arc;
 
@@ -22,7 +24,7 @@ use crate::perm::ChildRole;
 pub struct Appended {
     base: Arc<Node>,
     overlay: Arc<Node>,
-    /// The users' edges that moved from the base to the overlay.
+    /// The parent edges that moved from the base to the overlay.
     moved: Vec<ParentEdge>,
 }
 
@@ -57,7 +59,7 @@ impl BlockGraph {
             if new.reaches(&top) {
                 return Err(Error::Cycle {
                     child: new.name().to_string(),
-                    role: "backing",
+                    role: "backing".into(),
                     parent: top.name().to_string(),
                 });
             }
@@ -67,11 +69,7 @@ impl BlockGraph {
             let same = old.as_ref().is_some_and(|o| Arc::ptr_eq(o, new));
             if !same && new.parents().iter().any(|e| e.key == key) {
                 // One edge per parent and child: the overlay uses the node otherwise.
-                return Err(Error::FormatOption(format!(
-                    "Node '{}' is already a child of node '{}'",
-                    new.name(),
-                    top.name()
-                )));
+                return Err(already_child(new, &top));
             }
             let (perm, shared) = top.cumulative_perms();
             let (perm, shared) = ChildRole::Cow.child_perms(perm, shared);
@@ -109,19 +107,16 @@ impl BlockGraph {
     }
 
     /// Puts node `overlay` above node `base`: `base` becomes its backing child and every
-    /// user of `base` (exports, jobs) moves onto it. On failure nothing changed.
+    /// other parent of `base` (users, and node parents other than backing readers) moves
+    /// onto it. Refused before anything changes when a parent's driver cannot change its
+    /// child; on any failure nothing changed.
     pub async fn append_overlay(&mut self, base: &str, overlay: &str) -> Result<Appended> {
         let old = self.node(base)?;
         let new = self.node(overlay)?;
-        let moved: Vec<ParentEdge> = old
-            .parents()
-            .into_iter()
-            .filter(|e| matches!(e.key, ParentKey::User(_)))
-            .collect();
+        let moved = movable_parents(&old, Some(overlay));
+        self.check_movable(&old, Some(&new), &moved)?;
         self.attach_backing(overlay, Some(base)).await?;
-        if let Err(err) = self.replace_for_users(base, overlay).await {
-            // The users that moved before the one that did not fit go back.
-            self.move_back(&new, &old, &moved).await;
+        if let Err(err) = self.replace_node(&old, &new, &moved).await {
             let _ = self.attach_backing(overlay, None).await;
             return Err(err);
         }
@@ -132,7 +127,53 @@ impl BlockGraph {
         })
     }
 
-    /// Undoes [`Self::append_overlay`]: the users that moved go back to the base and the
+    /// Checks that an overlay could take the place of node `name` for its parents: that
+    /// each node parent's driver can change that child (`copy-before-write` and
+    /// `snapshot-access` cannot). What an external snapshot asks before it creates anything.
+    pub fn check_replaceable(&self, name: &str) -> Result<()> {
+        let node = self.node(name)?;
+        self.check_movable(&node, None, &movable_parents(&node, None))
+    }
+
+    /// Checks, changing nothing, that every node parent among `edges` (parent edges of
+    /// `from`) could use another node, and `to` when given, as that child instead.
+    fn check_movable(
+        &self,
+        from: &Arc<Node>,
+        to: Option<&Arc<Node>>,
+        edges: &[ParentEdge],
+    ) -> Result<()> {
+        for edge in edges {
+            let ParentKey::Node(name) = &edge.key else {
+                continue;
+            };
+            let parent = self.node(name)?;
+            if !parent.driver().can_replace_child(&edge.role) {
+                return Err(Error::ChildNotReplaceable {
+                    node: from.name().to_string(),
+                    role: edge.role.clone(),
+                    parent: name.clone(),
+                    driver: parent.driver_name(),
+                });
+            }
+            let Some(to) = to else {
+                continue;
+            };
+            if to.reaches(&parent) {
+                return Err(Error::Cycle {
+                    child: to.name().to_string(),
+                    role: edge.role.clone(),
+                    parent: name.clone(),
+                });
+            }
+            if to.parents().iter().any(|e| e.key == edge.key) {
+                return Err(already_child(to, &parent));
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Self::append_overlay`]: the parents that moved go back to the base and the
     /// overlay loses its backing child (it stays in the graph).
     pub async fn undo_overlay(&mut self, appended: Appended) {
         let Appended {
@@ -140,15 +181,38 @@ impl BlockGraph {
             overlay,
             moved,
         } = appended;
-        self.move_back(&overlay, &base, &moved).await;
+        // The edges as they are now (a parent may have changed its permissions since, or
+        // gone away).
+        let now = overlay.parents();
+        let back: Vec<ParentEdge> = moved
+            .iter()
+            .filter_map(|m| now.iter().find(|e| e.key == m.key).cloned())
+            .collect();
+        // Each parent held its edge on the base before, beside the overlay's backing edge
+        // as it was then, so they fit again.
+        let _ = self.replace_node(&overlay, &base, &back).await;
         // Both sides were in this arrangement before: detaching only relaxes edges.
         let _ = self.attach_backing(overlay.name(), None).await;
     }
+}
 
-    async fn move_back(&self, from: &Arc<Node>, to: &Arc<Node>, edges: &[ParentEdge]) {
-        from.gate().drain().await;
-        // Each user held its edge on `to` a moment ago, so it fits there again.
-        let _ = self.move_users(from, to, edges);
-        from.gate().undrain();
-    }
+/// The parent edges of `node` an overlay put in its place takes over: every user and
+/// node parent but the overlay itself and the nodes reading `node` as their backing file.
+fn movable_parents(node: &Node, overlay: Option<&str>) -> Vec<ParentEdge> {
+    node.parents()
+        .into_iter()
+        .filter(|e| match &e.key {
+            ParentKey::User(_) => true,
+            ParentKey::Node(parent) => e.role != "backing" && Some(parent.as_str()) != overlay,
+        })
+        .collect()
+}
+
+/// QEMU's refusal of a second edge between the same parent and child.
+fn already_child(child: &Node, parent: &Node) -> Error {
+    Error::FormatOption(format!(
+        "Node '{}' is already a child of node '{}'",
+        child.name(),
+        parent.name()
+    ))
 }

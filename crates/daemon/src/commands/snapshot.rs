@@ -1,7 +1,9 @@
 //! External snapshots: `blockdev-snapshot-sync` creates (or, with `mode: existing`, opens)
 //! an overlay, `blockdev-snapshot` takes one the monitor added without a backing file;
 //! either way the node becomes the overlay's backing file and the overlay takes its place
-//! for every user (exports, jobs); the old node becomes read-only. Both are also
+//! for every parent (exports, jobs, and nodes opened on top of it such as `raw` or
+//! `blkdebug`) but the overlays reading it as their backing file; the old node becomes
+//! read-only. Both are also
 //! transaction actions, run as one-action transactions on their own.
 
 use std::sync::Arc;
@@ -44,7 +46,7 @@ impl Prepared {
         }
     }
 
-    /// The users go back to the old node and the overlay loses its backing file.
+    /// The parents go back to the old node and the overlay loses its backing file.
     pub async fn abort(self, state: &mut State) {
         let overlay = self.appended.overlay().name().to_string();
         state.graph.undo_overlay(self.appended).await;
@@ -72,7 +74,8 @@ fn find(
 }
 
 /// The node an external snapshot goes above: any node but another node's backing file
-/// (QEMU blocks snapshots of those).
+/// (QEMU blocks snapshots of those), and, before anything is created, one whose parents
+/// can all move onto an overlay (blockd refuses a node under a backup's filter).
 fn snapshot_base(
     state: &State,
     device: Option<&str>,
@@ -85,6 +88,10 @@ fn snapshot_base(
             parent,
         }));
     }
+    state
+        .graph
+        .check_replaceable(base.name())
+        .map_err(block_error)?;
     Ok(base)
 }
 
