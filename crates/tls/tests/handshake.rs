@@ -6,8 +6,8 @@
 //! Each test runs one server connection on a thread and asserts on what the
 //! server saw: a completed handshake and the peer's identity, or the failure.
 
-use std::io::Write;
-use std::net::TcpListener;
+use std::io::{ErrorKind, Read, Write};
+use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -145,6 +145,39 @@ fn psk_server(dir: &Path) -> TlsCreds {
     )
 }
 
+/// A blocking socket whose reads and writes are retried when interrupted: with a receive
+/// timeout set, Linux fails a `recv` with `EINTR` after the process was stopped and
+/// continued (or on any signal handler, restartable or not), and OpenSSL would take that
+/// for a broken connection.
+#[derive(Debug)]
+struct Restarting(TcpStream);
+
+impl Read for Restarting {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.read(buf) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+}
+
+impl Write for Restarting {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        loop {
+            match self.0.write(buf) {
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                other => return other,
+            }
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// Serves one connection: the handshake, the peer check, then a line of text.
 /// Returns the port and what the server saw: `Ok(identity)` or the failure.
 fn serve_one(
@@ -160,7 +193,7 @@ fn serve_one(
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        let outcome = match acceptor.accept(stream) {
+        let outcome = match acceptor.accept(Restarting(stream)) {
             Ok(mut tls) => {
                 let checked = creds
                     .check_peer(tls.ssl(), authz.as_ref().map(|a| a as &dyn Authorizer))
