@@ -17,6 +17,7 @@ fn closed(s: &mut UnixStream) -> bool {
         match s.read(&mut b) {
             Ok(0) => return true,
             Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
             Err(_) => return true,
         }
