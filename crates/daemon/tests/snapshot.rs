@@ -302,12 +302,7 @@ fn killed_during(
 ) -> (String, Duration) {
     let img = path(dir, "img.qcow2");
     std::fs::copy(base, &img).unwrap();
-    let args = [
-        "--blockdev".to_string(),
-        format!("driver=file,node-name=f,filename={img}"),
-        "--blockdev".to_string(),
-        "driver=qcow2,node-name=disk,file=f".to_string(),
-    ];
+    let args = testkit::tools::qcow2_node_args(&img, "disk");
     let mut daemon = Daemon::start(&blockd(), &args).expect("blockd starts");
     let mut qmp = daemon.qmp().expect("monitor answers");
     qmp.send(command).unwrap();

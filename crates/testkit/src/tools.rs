@@ -38,6 +38,16 @@ pub fn try_tool(program: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("{program} is needed (install {}): {e}", package_of(program)))
 }
 
+/// The command line opening the qcow2 image `img` as node `node` over a `file` node `f`.
+pub fn qcow2_node_args(img: &str, node: &str) -> Vec<String> {
+    vec![
+        "--blockdev".to_string(),
+        format!("driver=file,node-name=f,filename={img}"),
+        "--blockdev".to_string(),
+        format!("driver=qcow2,node-name={node},file=f"),
+    ]
+}
+
 /// `qemu-img create -q -f qcow2 -o OPTS IMG SIZE`.
 pub fn create_qcow2(img: &str, opts: &str, size: &str) {
     tool(
