@@ -106,6 +106,12 @@ pub(crate) enum NoticeKind {
         nospace: bool,
         ack: oneshot::Sender<()>,
     },
+    /// The worker drains every node `times` times (QEMU's drain-all); the manager
+    /// acknowledges once the other jobs showed it.
+    DrainAll {
+        times: u32,
+        ack: oneshot::Sender<()>,
+    },
 }
 
 /// The receiving end of workers' notices, owned by the daemon's control loop.
@@ -373,6 +379,16 @@ impl JobContext {
     /// `BLOCK_JOB_ERROR` and, for `stop`, takes a user pause and sets the io-status. Returns the
     /// action: on `Report` fail the job with the error; on `Ignore` or `Stop` pass a pause point
     /// and retry.
+    /// Has every other running block job show what QEMU's drain of all nodes shows, `times`
+    /// times over (see [`crate::JobManager::drain_blip`]); returns once they did, so events
+    /// the worker emits next come after theirs.
+    pub async fn drain_all(&self, times: u32) {
+        let (ack, acked) = oneshot::channel();
+        self.notify(NoticeKind::DrainAll { times, ack });
+        // If the manager is gone the daemon is shutting down; there is nothing to wait for.
+        let _ = acked.await;
+    }
+
     pub async fn io_error(
         &self,
         policy: OnError,

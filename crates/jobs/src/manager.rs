@@ -293,6 +293,8 @@ impl<C: 'static> JobManager<C> {
                 .jobs
                 .iter()
                 .filter(|j| j.started && !j.finished && !j.user_paused && j.pause_count == 0)
+                // Drains pause block jobs only (not a create, amend or snapshot job).
+                .filter(|j| j.job_type.is_block_job())
                 .map(|j| (j.key, j.status))
                 .collect();
             for (key, status) in keys {
@@ -579,6 +581,10 @@ impl<C: 'static> JobManager<C> {
             } => {
                 self.io_error(key, operation, action, nospace);
                 // The worker may have been dropped meanwhile; then nobody waits for the ack.
+                let _ = ack.send(());
+            }
+            NoticeKind::DrainAll { times, ack } => {
+                self.drain_blip(times);
                 let _ = ack.send(());
             }
         }

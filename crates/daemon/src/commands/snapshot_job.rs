@@ -248,8 +248,8 @@ impl JobDriver<BlockGraph> for SnapshotJob {
             .take()
             .unwrap_or_else(|| Err("the snapshot job ran twice".into()));
         let result = match self.kind {
-            Kind::Save => self.save(devices).await,
-            Kind::Load => self.load(devices).await,
+            Kind::Save => self.save(&ctx, devices).await,
+            Kind::Load => self.load(&ctx, devices).await,
             Kind::Delete => match devices {
                 Ok(devices) => self.delete(devices).await,
                 Err(err) => Err(err),
@@ -285,7 +285,11 @@ impl SnapshotJob {
         self.events.emit(Event::new(name, None));
     }
 
-    async fn save(&self, devices: Result<Vec<Device>, String>) -> Result<(), String> {
+    async fn save(
+        &self,
+        ctx: &JobContext,
+        devices: Result<Vec<Device>, String>,
+    ) -> Result<(), String> {
         let devices = devices?;
         if devices.iter().any(|d| d.find(&self.tag).is_some()) {
             return Err(format!(
@@ -295,6 +299,9 @@ impl SnapshotJob {
         }
         let vm = vmstate_index(&devices, &self.vmstate)?;
         self.emit("STOP");
+        // QEMU drains every node when it stops the guest and again around the snapshot:
+        // running block jobs show a pause for each.
+        ctx.drain_all(2).await;
         let result = {
             let _quiet = Quiesced::new(&devices).await;
             self.create_all(&devices, vm).await
@@ -326,19 +333,25 @@ impl SnapshotJob {
         Ok(())
     }
 
-    async fn load(&self, devices: Result<Vec<Device>, String>) -> Result<(), String> {
+    async fn load(
+        &self,
+        ctx: &JobContext,
+        devices: Result<Vec<Device>, String>,
+    ) -> Result<(), String> {
         self.emit("STOP");
+        // Stopping the guest drains every node in QEMU (and the revert once more, below).
+        ctx.drain_all(1).await;
         // QEMU leaves its guest stopped when a load fails; blockd has nothing half-loaded
         // to protect (it reverts nothing before every check passed) and resumes.
         let result = match devices {
-            Ok(devices) => self.load_checked(&devices).await,
+            Ok(devices) => self.load_checked(ctx, &devices).await,
             Err(err) => Err(err),
         };
         self.emit("RESUME");
         result
     }
 
-    async fn load_checked(&self, devices: &[Device]) -> Result<(), String> {
+    async fn load_checked(&self, ctx: &JobContext, devices: &[Device]) -> Result<(), String> {
         let found: Option<Vec<::qcow2::SnapshotInfo>> =
             devices.iter().map(|d| d.find(&self.tag)).collect();
         let Some(found) = found else {
@@ -356,6 +369,7 @@ impl SnapshotJob {
         }
         self.check_record(&devices[vm], vm_snapshot, devices)
             .await?;
+        ctx.drain_all(1).await;
         let _quiet = Quiesced::new(devices).await;
         for (d, snapshot) in devices.iter().zip(&found) {
             d.node().revert_snapshot(&snapshot.id).await.map_err(|e| {
