@@ -25,6 +25,18 @@ pub struct Gate {
     changed: Notify,
 }
 
+/// One level of drain on a gate, reopened when dropped (see [`Gate::drained`]).
+#[derive(Debug)]
+pub struct Drained<'a> {
+    gate: &'a Gate,
+}
+
+impl Drop for Drained<'_> {
+    fn drop(&mut self) {
+        self.gate.undrain();
+    }
+}
+
 /// Proof that one request is in flight; dropping it ends the request.
 #[derive(Debug)]
 pub struct InFlight<'a> {
@@ -70,6 +82,12 @@ impl Gate {
     pub async fn drain(&self) {
         self.with(|s| s.depth += 1);
         self.wait_idle().await;
+    }
+
+    /// [`Gate::drain`] until the returned guard is dropped.
+    pub async fn drained(&self) -> Drained<'_> {
+        self.drain().await;
+        Drained { gate: self }
     }
 
     /// Waits until nothing is in flight, without closing the gate.

@@ -305,10 +305,7 @@ impl Image {
         let mut meta = self.quiesce().await?;
         self.check_snapshots_supported()?;
         let entry = self.find_for_goto(&meta, id_or_name)?;
-        let needed = meta.header.l1_entries_for(entry.disk_size);
-        if needed > MAX_L1_BYTES / 8 || entry.disk_size > i64::MAX as u64 {
-            return Err(Error::InvalidOption("Image size too large".into()));
-        }
+        let needed = crate::write::l1_entries_checked(&meta.header, entry.disk_size)?;
         let mut l1 = self.snapshot_l1(&entry).await?;
         let sn_tree = self.tree_clusters(&mut meta, &l1).await?;
         self.check_clusters(&mut meta, &sn_tree, true).await?;

@@ -633,13 +633,9 @@ impl Image {
     }
 
     /// Make the virtual disk `new_size` bytes (synced), growing the L1 table first when it
-    /// cannot map that much. Shrinking leaves the clusters past the end as they are: only a
-    /// snapshot revert, which replaces the whole L1 table next, shrinks.
+    /// cannot map that much.
     pub(crate) async fn set_size(&self, meta: &mut Meta, new_size: u64) -> Result<()> {
-        let needed = meta.header.l1_entries_for(new_size);
-        if needed > crate::header::MAX_L1_BYTES / 8 || new_size > i64::MAX as u64 {
-            return Err(Error::InvalidOption("Image size too large".into()));
-        }
+        let needed = l1_entries_checked(&meta.header, new_size)?;
         if needed > u64::from(meta.header.l1_size) {
             self.grow_l1(meta, needed).await?;
         }
@@ -784,4 +780,13 @@ impl Image {
         meta.compress_tail = host + len;
         Ok(host)
     }
+}
+
+/// The L1 entries a virtual disk of `size` bytes needs, refused past what an image can map.
+pub(crate) fn l1_entries_checked(header: &crate::header::Header, size: u64) -> Result<u64> {
+    let needed = header.l1_entries_for(size);
+    if needed > crate::header::MAX_L1_BYTES / 8 || size > i64::MAX as u64 {
+        return Err(Error::InvalidOption("Image size too large".into()));
+    }
+    Ok(needed)
 }

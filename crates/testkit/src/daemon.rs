@@ -107,23 +107,25 @@ pub fn is_system_emulator(binary: &Path) -> bool {
 }
 
 /// The command line of a system emulator for qemu-storage-daemon's `args`: no machine,
-/// no devices, the monitor on `socket`. Only options both programs have translate.
-fn system_emulator_args(socket: &str, args: &[OsString]) -> Result<Vec<OsString>> {
+/// no devices, a `--monitor` as a QMP `-mon`. Only options both programs have translate.
+fn system_emulator_args(args: &[OsString]) -> Result<Vec<OsString>> {
     let mut out: Vec<OsString> = ["-machine", "none", "-nodefaults", "-display", "none"]
         .iter()
         .map(OsString::from)
         .collect();
-    out.push("-chardev".into());
-    out.push(format!("socket,id=m0,path={socket},server=on,wait=off").into());
-    out.push("-mon".into());
-    out.push("chardev=m0,mode=control".into());
     let mut iter = args.iter();
     while let Some(arg) = iter.next() {
         let text = arg.to_str().context("non-UTF-8 argument")?;
+        let value = iter.next().context("option without a value")?;
         match text {
             "--blockdev" | "--object" | "--chardev" => {
                 out.push(text[1..].into());
-                out.push(iter.next().context("option without a value")?.clone());
+                out.push(value.clone());
+            }
+            "--monitor" => {
+                let value = value.to_str().context("non-UTF-8 argument")?;
+                out.push("-mon".into());
+                out.push(format!("{value},mode=control").into());
             }
             _ => bail!("the system emulator has no equivalent of {text}"),
         }
@@ -192,8 +194,7 @@ impl Daemon {
         args.extend(extra_args.iter().map(|a| a.as_ref().to_os_string()));
         let mut command = Command::new(binary);
         if is_system_emulator(binary) {
-            let socket = socket.to_str().context("non-UTF-8 socket path")?;
-            args = system_emulator_args(socket, &args[4..])?;
+            args = system_emulator_args(&args)?;
             // Libraries unpacked beside an emulator that is not installed.
             if let Some(root) = binary.parent().and_then(Path::parent) {
                 command.env("LD_LIBRARY_PATH", root.join("lib/x86_64-linux-gnu"));

@@ -82,12 +82,14 @@ impl BlockGraph {
             };
             update_edge(new, key.clone(), Some(edge))?;
         }
-        top.gate().drain().await;
-        let swapped = top.driver().replace_backing(new.clone());
-        if swapped.is_ok() {
-            top.set_backing_child(new.clone());
-        }
-        top.gate().undrain();
+        let swapped = {
+            let _quiet = top.gate().drained().await;
+            let swapped = top.driver().replace_backing(new.clone());
+            if swapped.is_ok() {
+                top.set_backing_child(new.clone());
+            }
+            swapped
+        };
         match swapped {
             Ok(()) => {
                 if let Some(old) = old.filter(|o| !new.as_ref().is_some_and(|n| Arc::ptr_eq(o, n)))

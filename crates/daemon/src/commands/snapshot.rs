@@ -276,9 +276,10 @@ pub async fn prepare_internal(state: &mut State, a: Value) -> Result<InternalPre
         return Err(QmpError::generic("Name is empty"));
     }
     // No request may be half way through the image while its tables change.
-    node.gate().drain().await;
-    let taken = node.driver().snapshot_create(&a.name, &[]).await;
-    node.gate().undrain();
+    let taken = {
+        let _quiet = node.gate().drained().await;
+        node.driver().snapshot_create(&a.name, &[]).await
+    };
     let info = taken.map_err(|e| on_device(e, &a.device))?;
     Ok(InternalPrepared { node, id: info.id })
 }
@@ -309,12 +310,12 @@ pub fn blockdev_snapshot_delete_internal_sync(state: &mut State, a: Value) -> Re
                 "Failed to get a snapshot list: Operation not supported",
             ));
         }
-        node.gate().drain().await;
-        let deleted = node
-            .driver()
-            .snapshot_delete(a.id.as_deref(), a.name.as_deref())
-            .await;
-        node.gate().undrain();
+        let deleted = {
+            let _quiet = node.gate().drained().await;
+            node.driver()
+                .snapshot_delete(a.id.as_deref(), a.name.as_deref())
+                .await
+        };
         let info = deleted.map_err(|e| on_device(e, &a.device))?;
         Ok(snapshot_info(&info))
     })

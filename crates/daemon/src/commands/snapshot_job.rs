@@ -19,6 +19,7 @@
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use block::drain::Drained;
 use block::node::ParentKey;
 use block::{BlockGraph, Node, NodeHold};
 use jobs::{JobContext, JobDriver, JobOptions, JobType};
@@ -219,6 +220,16 @@ enum Kind {
     Delete,
 }
 
+impl Kind {
+    fn job_type(self) -> JobType {
+        match self {
+            Kind::Save => JobType::SnapshotSave,
+            Kind::Load => JobType::SnapshotLoad,
+            Kind::Delete => JobType::SnapshotDelete,
+        }
+    }
+}
+
 /// The job of one of the three commands.
 struct SnapshotJob {
     kind: Kind,
@@ -232,11 +243,7 @@ struct SnapshotJob {
 #[async_trait]
 impl JobDriver<BlockGraph> for SnapshotJob {
     fn job_type(&self) -> JobType {
-        match self.kind {
-            Kind::Save => JobType::SnapshotSave,
-            Kind::Load => JobType::SnapshotLoad,
-            Kind::Delete => JobType::SnapshotDelete,
-        }
+        self.kind.job_type()
     }
 
     async fn run(&self, ctx: JobContext) -> Result<(), String> {
@@ -260,24 +267,13 @@ impl JobDriver<BlockGraph> for SnapshotJob {
     }
 }
 
-/// Drains every device (one point in time for the group) until dropped.
-struct Quiesced<'a>(&'a [Device]);
-
-impl<'a> Quiesced<'a> {
-    async fn new(devices: &'a [Device]) -> Quiesced<'a> {
-        for d in devices {
-            d.node().gate().drain().await;
-        }
-        Quiesced(devices)
+/// Drains every device (one point in time for the group) until the guards are dropped.
+async fn quiesce(devices: &[Device]) -> Vec<Drained<'_>> {
+    let mut drained = Vec::with_capacity(devices.len());
+    for d in devices {
+        drained.push(d.node().gate().drained().await);
     }
-}
-
-impl Drop for Quiesced<'_> {
-    fn drop(&mut self) {
-        for d in self.0 {
-            d.node().gate().undrain();
-        }
-    }
+    drained
 }
 
 impl SnapshotJob {
@@ -303,7 +299,7 @@ impl SnapshotJob {
         // running block jobs show a pause for each.
         ctx.drain_all(2).await;
         let result = {
-            let _quiet = Quiesced::new(&devices).await;
+            let _quiet = quiesce(&devices).await;
             self.create_all(&devices, vm).await
         };
         self.emit("RESUME");
@@ -370,7 +366,7 @@ impl SnapshotJob {
         self.check_record(&devices[vm], vm_snapshot, devices)
             .await?;
         ctx.drain_all(1).await;
-        let _quiet = Quiesced::new(devices).await;
+        let _quiet = quiesce(devices).await;
         for (d, snapshot) in devices.iter().zip(&found) {
             d.node().revert_snapshot(&snapshot.id).await.map_err(|e| {
                 format!(
@@ -421,19 +417,17 @@ impl SnapshotJob {
             let Some(snapshot) = d.find(&self.tag) else {
                 continue;
             };
-            d.node().gate().drain().await;
-            let deleted = d
-                .node()
+            let _quiet = d.node().gate().drained().await;
+            d.node()
                 .driver()
                 .snapshot_delete(Some(&snapshot.id), Some(&snapshot.name))
-                .await;
-            d.node().gate().undrain();
-            deleted.map_err(|e| {
-                format!(
-                    "Could not delete snapshot '{}' on '{}': {e}",
-                    self.tag, d.name
-                )
-            })?;
+                .await
+                .map_err(|e| {
+                    format!(
+                        "Could not delete snapshot '{}' on '{}': {e}",
+                        self.tag, d.name
+                    )
+                })?;
         }
         Ok(())
     }
@@ -447,14 +441,9 @@ fn start(
     vmstate: String,
     devices: &[String],
 ) -> Result<Value, QmpError> {
-    let job_type = match kind {
-        Kind::Save => JobType::SnapshotSave,
-        Kind::Load => JobType::SnapshotLoad,
-        Kind::Delete => JobType::SnapshotDelete,
-    };
     let opts = JobOptions {
         auto_dismiss: false,
-        ..JobOptions::new(job_id, job_type)
+        ..JobOptions::new(job_id, kind.job_type())
     };
     let resolved = resolve(&state.graph, devices).and_then(|d| {
         if kind == Kind::Load {
